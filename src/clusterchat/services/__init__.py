@@ -1,0 +1,1 @@
+"""Services: one class per area of the business; dependencies are passed in."""

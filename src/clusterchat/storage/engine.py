@@ -1,0 +1,128 @@
+"""Opening the database: URL translation, engines per dialect, and schema upgrades.
+
+Users give SQLAlchemy URLs without a driver (`sqlite:///x.db`, `mysql://…`,
+`postgresql://…`); we pick the asyncio driver. SQLite gets one writer connection
+that begins transactions with BEGIN IMMEDIATE (so writers queue instead of failing
+with "database is locked") and a separate pool of readers; WAL lets them overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+asyncmy", "mariadb": "mysql+asyncmy",
+           "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}  # fmt: skip
+
+
+class DatabaseUrlError(ValueError):
+    pass
+
+
+def async_url(url: str) -> URL:
+    """`mysql://u:p@h/db` as `mysql+asyncmy://u:p@h/db`, and so on; drivers given are kept."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseUrlError(f"not a database URL: {redact(url)}") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in DRIVERS:
+        raise DatabaseUrlError(f"unsupported database {backend!r}: use sqlite, mysql or postgresql")
+    if not driver:
+        parsed = parsed.set(drivername=DRIVERS[backend])
+    if parsed.drivername.startswith("mysql") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable URL>"
+
+
+class Database:
+    """The engines of one database. `writer` for transactions that write, `reader` for reads."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = async_url(url)
+        self.dialect = self.url.get_backend_name()
+        self.is_sqlite = self.dialect == "sqlite"
+        if self.is_sqlite:
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            connect_args = {"timeout": 30}
+            self.writer = create_async_engine(
+                self.url, pool_size=1, max_overflow=0, connect_args=connect_args
+            )
+            self.reader = create_async_engine(
+                self.url, pool_size=pool_size, max_overflow=0, connect_args=connect_args
+            )
+            event.listen(self.writer.sync_engine, "connect", _sqlite_writer_connect)
+            event.listen(self.writer.sync_engine, "begin", _sqlite_begin_immediate)
+            event.listen(self.reader.sync_engine, "connect", _sqlite_reader_connect)
+        else:
+            kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
+                                      "pool_pre_ping": True, "pool_recycle": 1800}
+            self.writer = create_async_engine(self.url, **kwargs)
+            self.reader = self.writer
+
+    async def upgrade(self) -> None:
+        """Bring the schema to the newest migration; safe to run from several nodes at once."""
+        async with self.writer.connect() as conn:
+            if self.dialect == "mysql":
+                await conn.execute(text("SELECT GET_LOCK('clusterchat_migrate', 120)"))
+            try:
+                await conn.run_sync(self._upgrade)
+                await conn.commit()
+            finally:
+                if self.dialect == "mysql":
+                    await conn.execute(text("SELECT RELEASE_LOCK('clusterchat_migrate')"))
+
+    def _upgrade(self, connection: Connection) -> None:
+        if self.dialect == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(7261544)"))
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async def close(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before it returns, so "ok" survives power loss too.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_writer_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+    _sqlite_pragmas(dbapi_connection)
+
+
+def _sqlite_reader_connect(dbapi_connection: Any, _record: Any) -> None:
+    _sqlite_pragmas(dbapi_connection)
+
+
+def _sqlite_begin_immediate(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,379 @@
+"""Messages and inboxes: the group-commit writer, and the reads (sync, offline, history).
+
+Every send and ack goes through one `MessageWriter` per node. It takes whatever has
+queued up while the previous transaction ran and writes it all in one transaction,
+then resolves each request's future, so a reply still means "committed" while the
+database sees one round trip per batch rather than per message.
+
+Inbox seqs are handed out under a row lock on `inbox_state`, taken in user-id order,
+before the message rows are inserted: for any one user, commit order is seq order,
+and message ids of one conversation grow in the order every member sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from clusterchat.clock import now_ms
+from clusterchat.errors import Unavailable
+from clusterchat.storage.engine import Database
+from clusterchat.storage.schema import inbox, inbox_state, message_cmids, messages, users
+
+log = logging.getLogger(__name__)
+
+CMID_WINDOW_MS = 24 * 3600 * 1000
+_CHUNK = 500
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """A committed message: its id and ts, and the (user, seq) of each delivery."""
+
+    id: int
+    ts: int
+    deliveries: list[tuple[int, int]]
+    duplicate: bool = False
+
+
+@dataclass(slots=True)
+class OutgoingMessage:
+    sender_id: int
+    sender_name: str
+    to_user: int | None
+    group_id: int | None
+    recipients: Sequence[int]
+    text: str
+    cmid: str | None
+    future: asyncio.Future[StoredMessage] = field(repr=False)
+    stored: StoredMessage | None = None
+
+
+@dataclass(slots=True)
+class AckRequest:
+    user_id: int
+    seq: int
+    future: asyncio.Future[None] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class InboxMessage:
+    seq: int
+    id: int
+    sender_id: int
+    sender_name: str
+    to_user: int | None
+    group_id: int | None
+    text: str
+    ts: int
+
+
+CommitListener = Callable[[Sequence[OutgoingMessage]], None]
+
+
+class MessageWriter:
+    """The one writer of messages, inboxes and acks on this node (group commit)."""
+
+    def __init__(self, db: Database, *, max_batch: int = 1024) -> None:
+        self._db = db
+        self._max_batch = max_batch
+        self._queue: deque[OutgoingMessage | AckRequest] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.listeners: list[CommitListener] = []
+        self.batches = 0
+        self.items = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def send(self, sender_id: int, sender_name: str, *, to_user: int | None, group_id: int | None,
+             recipients: Sequence[int], text: str, cmid: str | None) -> asyncio.Future[StoredMessage]:
+        future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(Unavailable("the node is shutting down"))
+            return future
+        self._queue.append(OutgoingMessage(sender_id, sender_name, to_user, group_id,
+                                           recipients, text, cmid, future))
+        self._wakeup.set()
+        return future
+
+    def ack(self, user_id: int, seq: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(Unavailable("the node is shutting down"))
+            return future
+        self._queue.append(AckRequest(user_id, seq, future))
+        self._wakeup.set()
+        return future
+
+    async def run(self) -> None:
+        """Write batches until closed and drained."""
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            n = min(len(self._queue), self._max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            await self._write(batch)
+
+    def close(self) -> None:
+        """Accept nothing more; `run` returns once what is queued is written."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def _write(self, batch: list[OutgoingMessage | AckRequest]) -> None:
+        sends = [item for item in batch if isinstance(item, OutgoingMessage)]
+        acks = [item for item in batch if isinstance(item, AckRequest)]
+        try:
+            async with self._db.writer.begin() as conn:
+                await self._transaction(conn, sends, acks)
+        except (DBAPIError, SQLAlchemyError, OSError) as exc:
+            log.warning("message batch of %d failed: %s", len(batch), type(exc).__name__)
+            error = Unavailable("the database is unavailable; the message was not sent")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        except Exception as exc:
+            log.exception("message batch of %d failed", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.items += len(batch)
+        fresh = [s for s in sends if s.stored is not None and not s.stored.duplicate]
+        for listener in self.listeners:
+            try:
+                listener(fresh)
+            except Exception:
+                log.exception("commit listener failed")
+        for s in sends:
+            if not s.future.done():
+                s.future.set_result(s.stored)  # type: ignore[arg-type]
+        for a in acks:
+            if not a.future.done():
+                a.future.set_result(None)
+
+    async def _transaction(self, conn: AsyncConnection, sends: list[OutgoingMessage],
+                           acks: list[AckRequest]) -> None:
+        ts = now_ms()
+        for s in sends:
+            s.stored = None
+        fresh, twins = await self._dedupe(conn, sends, ts)
+
+        ack_seq: dict[int, int] = {}
+        for a in acks:
+            if a.seq > ack_seq.get(a.user_id, -1):
+                ack_seq[a.user_id] = a.seq
+        lock_ids = sorted({r for s in fresh for r in s.recipients} | set(ack_seq))
+        last_seq: dict[int, int] = {}
+        for chunk in _chunks(lock_ids):
+            rows = await conn.execute(
+                select(inbox_state.c.user_id, inbox_state.c.last_seq)
+                .where(inbox_state.c.user_id.in_(chunk))
+                .order_by(inbox_state.c.user_id)
+                .with_for_update()
+            )
+            last_seq.update((row.user_id, row.last_seq) for row in rows)
+
+        if fresh:
+            params = []
+            for s in fresh:
+                lo = hi = None
+                if s.to_user is not None:
+                    lo, hi = min(s.sender_id, s.to_user), max(s.sender_id, s.to_user)
+                params.append({"sender_id": s.sender_id, "to_user_id": s.to_user,
+                               "group_id": s.group_id, "peer_lo": lo, "peer_hi": hi,
+                               "text": s.text, "ts": ts})
+            ids = await self._insert_messages(conn, params)
+            start = dict(last_seq)
+            inbox_rows = []
+            for s, message_id in zip(fresh, ids, strict=True):
+                deliveries = []
+                for user_id in s.recipients:
+                    if user_id not in last_seq:
+                        continue  # no such user any more: nothing to deliver
+                    seq = last_seq[user_id] + 1
+                    last_seq[user_id] = seq
+                    deliveries.append((user_id, seq))
+                    inbox_rows.append({"user_id": user_id, "seq": seq, "message_id": message_id})
+                s.stored = StoredMessage(message_id, ts, deliveries)
+            if inbox_rows:
+                await conn.execute(insert(inbox), inbox_rows)
+            changed = [{"uid": u, "new": seq} for u, seq in last_seq.items() if seq != start[u]]
+            if changed:
+                await conn.execute(
+                    update(inbox_state).where(inbox_state.c.user_id == bindparam("uid"))
+                    .values(last_seq=bindparam("new")).execution_options(synchronize_session=False),
+                    changed,
+                )
+            with_cmid = [{"sender_id": s.sender_id, "cmid": s.cmid, "message_id": s.stored.id, "ts": ts}
+                         for s in fresh if s.cmid is not None and s.stored is not None]
+            if with_cmid:
+                await conn.execute(insert(message_cmids), with_cmid)
+            for twin, original in twins:
+                assert original.stored is not None
+                twin.stored = StoredMessage(original.stored.id, ts, [], duplicate=True)
+
+        if ack_seq:
+            rows = [{"uid": u, "seq": min(seq, last_seq.get(u, 0))} for u, seq in ack_seq.items()]
+            await conn.execute(
+                update(inbox_state)
+                .where(inbox_state.c.user_id == bindparam("uid"), inbox_state.c.acked_seq < bindparam("seq"))
+                .values(acked_seq=bindparam("seq")),
+                rows,
+            )
+
+    async def _insert_messages(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
+        if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+            result = await conn.execute(
+                insert(messages).returning(messages.c.id, sort_by_parameter_order=True), params
+            )
+            return [row[0] for row in result]
+        ids = []
+        for p in params:  # MySQL without RETURNING: one statement per message
+            result = await conn.execute(insert(messages).values(**p))
+            ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]
+        return ids
+
+    async def _dedupe(
+        self, conn: AsyncConnection, sends: list[OutgoingMessage], ts: int
+    ) -> tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, OutgoingMessage]]]:
+        """Resolve retried `cmid`s to their first message.
+
+        Returns the sends to store, and the (twin, original) pairs of one cmid sent
+        twice within this batch.
+        """
+        keyed = [s for s in sends if s.cmid is not None]
+        if not keyed:
+            return sends, []
+        known: dict[tuple[int, str], tuple[int, int]] = {}
+        expired: list[tuple[int, str]] = []
+        senders = sorted({s.sender_id for s in keyed})
+        cmids = sorted({s.cmid for s in keyed if s.cmid is not None})
+        for chunk in _chunks(cmids):
+            rows = await conn.execute(
+                select(message_cmids.c.sender_id, message_cmids.c.cmid, message_cmids.c.message_id,
+                       message_cmids.c.ts)
+                .where(message_cmids.c.cmid.in_(chunk), message_cmids.c.sender_id.in_(senders))
+            )
+            for row in rows:
+                if row.ts > ts - CMID_WINDOW_MS:
+                    known[(row.sender_id, row.cmid)] = (row.message_id, row.ts)
+                else:
+                    expired.append((row.sender_id, row.cmid))
+        for sender_id, cmid in expired:
+            await conn.execute(delete(message_cmids).where(
+                and_(message_cmids.c.sender_id == sender_id, message_cmids.c.cmid == cmid)
+            ))
+        fresh: list[OutgoingMessage] = []
+        twins: list[tuple[OutgoingMessage, OutgoingMessage]] = []
+        first_in_batch: dict[tuple[int, str], OutgoingMessage] = {}
+        for s in sends:
+            if s.cmid is None:
+                fresh.append(s)
+                continue
+            key = (s.sender_id, s.cmid)
+            if key in known:
+                mid, mts = known[key]
+                s.stored = StoredMessage(mid, mts, [], duplicate=True)
+            elif key in first_in_batch:
+                twins.append((s, first_in_batch[key]))
+            else:
+                first_in_batch[key] = s
+                fresh.append(s)
+        return fresh, twins
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxPage:
+    messages: list[InboxMessage]
+    more: bool
+    last_seq: int
+    acked_seq: int
+
+
+class MessageStore:
+    """Reads of inboxes and conversations."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def unacked(self, user_id: int, limit: int) -> InboxPage:
+        """The oldest `limit` messages not yet acknowledged (the `offline` of a login)."""
+        async with self._db.reader.connect() as conn:
+            state = (await conn.execute(
+                select(inbox_state.c.last_seq, inbox_state.c.acked_seq).where(inbox_state.c.user_id == user_id)
+            )).first()
+            acked, last = (state.acked_seq, state.last_seq) if state else (0, 0)
+            rows = await self._page(conn, user_id, acked, limit)
+        return InboxPage(rows[:limit], len(rows) > limit, last, acked)
+
+    async def since(self, user_id: int, after: int, limit: int) -> InboxPage:
+        async with self._db.reader.connect() as conn:
+            state = (await conn.execute(
+                select(inbox_state.c.last_seq, inbox_state.c.acked_seq).where(inbox_state.c.user_id == user_id)
+            )).first()
+            acked, last = (state.acked_seq, state.last_seq) if state else (0, 0)
+            rows = await self._page(conn, user_id, after, limit)
+        return InboxPage(rows[:limit], len(rows) > limit, last, acked)
+
+    async def _page(self, conn: AsyncConnection, user_id: int, after: int, limit: int) -> list[InboxMessage]:
+        query = (
+            select(inbox.c.seq, messages.c.id, messages.c.sender_id, users.c.name, messages.c.to_user_id,
+                   messages.c.group_id, messages.c.text, messages.c.ts)
+            .select_from(inbox.join(messages, messages.c.id == inbox.c.message_id)
+                         .join(users, users.c.id == messages.c.sender_id))
+            .where(inbox.c.user_id == user_id, inbox.c.seq > after)
+            .order_by(inbox.c.seq)
+            .limit(limit + 1)
+        )
+        return [InboxMessage(*row) for row in await conn.execute(query)]
+
+    async def history(self, *, user_id: int | None = None, peer: int | None = None,
+                      group_id: int | None = None, before: int | None, limit: int) -> list[InboxMessage]:
+        """A conversation's `limit` messages before message `before`, oldest first (seq is 0)."""
+        query = (
+            select(messages.c.id, messages.c.sender_id, users.c.name, messages.c.to_user_id,
+                   messages.c.group_id, messages.c.text, messages.c.ts)
+            .select_from(messages.join(users, users.c.id == messages.c.sender_id))
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        if group_id is not None:
+            query = query.where(messages.c.group_id == group_id)
+        else:
+            assert user_id is not None and peer is not None
+            query = query.where(messages.c.peer_lo == min(user_id, peer),
+                                messages.c.peer_hi == max(user_id, peer))
+        if before is not None:
+            query = query.where(messages.c.id < before)
+        async with self._db.reader.connect() as conn:
+            rows = list(await conn.execute(query))
+        rows.reverse()
+        return [InboxMessage(0, *row) for row in rows]
+
+    async def last_seq(self, user_id: int) -> int:
+        async with self._db.reader.connect() as conn:
+            value = (await conn.execute(
+                select(inbox_state.c.last_seq).where(inbox_state.c.user_id == user_id)
+            )).scalar_one_or_none()
+        return int(value or 0)

@@ -1,0 +1,1 @@
+"""Transports: bytes in and out. Each is a thin adapter that feeds a Session."""
