@@ -75,8 +75,27 @@ Unavailable = _error(ErrorCode.UNAVAILABLE, "a backend is unavailable; nothing w
 Internal = _error(ErrorCode.INTERNAL, "internal error")
 
 
+# Backends register the exception types that mean "cannot be reached now" (a lost
+# database or Redis connection); those become `unavailable` instead of `internal`.
+_UNAVAILABLE_TYPES: list[type[BaseException]] = [ConnectionError, TimeoutError]
+
+
+def register_unavailable(*types: type[BaseException]) -> None:
+    _UNAVAILABLE_TYPES.extend(t for t in types if t not in _UNAVAILABLE_TYPES)
+
+
+def as_chat_error(exc: BaseException) -> ChatError | None:
+    """The ChatError an exception stands for, or None when it is a bug."""
+    if isinstance(exc, ChatError):
+        return exc
+    if isinstance(exc, tuple(_UNAVAILABLE_TYPES)):
+        return Unavailable()
+    return None
+
+
 def error_body(exc: BaseException) -> dict[str, Any]:
     """The `error` object for any exception; unknown ones become a bare `internal`."""
-    if isinstance(exc, ChatError):
-        return exc.body()
+    known = as_chat_error(exc)
+    if known is not None:
+        return known.body()
     return {"code": ErrorCode.INTERNAL.value, "message": Internal.default_message}

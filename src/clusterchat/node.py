@@ -11,15 +11,36 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from clusterchat.clock import now_ms
 from clusterchat.config import NodeConfig
 from clusterchat.errors import BadRequest, Unavailable
 from clusterchat.protocol.events import inbox_message_frame
 from clusterchat.protocol.requests import (
-    Ack, CreateGroup, CreateRoom, FriendAccept, FriendReject, FriendRequest, Friends, Groups, GroupSend,
-    History, JoinGroup, JoinRoom, LeaveGroup, LeaveRoom, Login, Logout, Lookup, Ping, Register, Request,
-    RoomSend, Send, Sync, Unfriend,
+    Ack,
+    CreateGroup,
+    CreateRoom,
+    FriendAccept,
+    FriendReject,
+    FriendRequest,
+    Friends,
+    Groups,
+    GroupSend,
+    History,
+    JoinGroup,
+    JoinRoom,
+    LeaveGroup,
+    LeaveRoom,
+    Login,
+    Logout,
+    Lookup,
+    Ping,
+    Register,
+    Request,
+    RoomSend,
+    Send,
+    Sync,
+    Unfriend,
 )  # fmt: skip
-from clusterchat.clock import now_ms
 from clusterchat.services.accounts import AccountService, make_hasher
 from clusterchat.services.hub import Hub
 from clusterchat.services.messages import MessageService

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from clusterchat.errors import ChatError, FrameTooLarge, NotLoggedIn, RateLimited, error_body
+from clusterchat.errors import ChatError, FrameTooLarge, NotLoggedIn, RateLimited, as_chat_error, error_body
 from clusterchat.protocol.codec import RequestError, decode_request, error_event, reply_error, reply_ok
 from clusterchat.protocol.requests import Request
 
@@ -46,6 +46,14 @@ class Outlet(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def drain(self) -> Awaitable[None]: ...
+
+
+def _log_failure(op: str, exc: BaseException) -> None:
+    known = as_chat_error(exc)
+    if known is None:
+        log.error("%s failed", op, exc_info=exc)  # a bug: the client gets a bare `internal`
+    elif known.code.value == "unavailable" and not isinstance(exc, ChatError):
+        log.warning("%s: backend unavailable (%s)", op, type(exc).__name__)
 
 
 class CursorState(enum.Enum):
@@ -176,7 +184,7 @@ class Session:
             self._push_slot(slot)
             return
         except Exception as exc:
-            log.exception("%s failed", op)
+            _log_failure(op, exc)
             slot.data = reply_error(op, rid, error_body(exc))  # type: ignore[arg-type]
             self._push_slot(slot)
             return
@@ -187,18 +195,14 @@ class Session:
         if not request.pipelined:
             self._exclusive = True
         self._replies.append(slot)
-        if isinstance(outcome, asyncio.Future):
-            future = outcome
-        else:
-            future = self.node.spawn(outcome)
+        future = outcome if isinstance(outcome, asyncio.Future) else self.node.spawn(outcome)
         future.add_done_callback(lambda f: self._finished(slot, op, rid, f, not request.pipelined))  # type: ignore[arg-type]
 
     def _finished(self, slot: _Slot, op: str, rid: Any, future: asyncio.Future[Any], exclusive: bool) -> None:
         if future.cancelled():
             slot.data = reply_error(op, rid, {"code": "unavailable", "message": "the node is shutting down"})
         elif (exc := future.exception()) is not None:
-            if not isinstance(exc, ChatError):
-                log.error("%s failed", op, exc_info=exc)
+            _log_failure(op, exc)
             slot.data = reply_error(op, rid, error_body(exc))
         else:
             result = future.result()

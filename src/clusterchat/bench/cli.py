@@ -1,14 +1,104 @@
-"""Arguments of `clusterchat bench`."""
+"""Arguments of `clusterchat bench` and dispatch to its scenarios (direct, idle).
+
+This module owns only the command line: `add_bench_parser` adds the `bench` subcommand
+to the main parser, and `run_bench` turns the parsed arguments into a scenario's options
+and runs it (under the uvloop the main CLI starts). The scenarios live in `direct.py`
+and `idle.py`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from clusterchat.bench.conn import parse_target
+
+
+def _target(text: str) -> tuple[str, int]:
+    try:
+        return parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("bench", help="the load generator")
+    p = sub.add_parser("bench", help="the load generator", description="The load generator.")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    scenarios = p.add_subparsers(dest="scenario", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--users", type=int, required=True, help="number of users (connections)")
+    common.add_argument("--transport", choices=["tcp", "ws"], default="tcp",
+                        help="TCP JSON lines or WebSocket; the target port must match (default %(default)s)")
+    common.add_argument("--password", default="benchpass", help="password of every bench user")
+    common.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the numbers here")
+    common.add_argument("--per-source", type=int, default=20000,
+                        help="past 25,000 connections to a loopback target, use a new 127.0.0.x source address "
+                             "every this many (default %(default)s)")
+    common.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    d = scenarios.add_parser(
+        "direct", parents=[common], help="friend pairs sending direct messages",
+        description="N users in N/2 friend pairs send each other direct messages; reports msgs/s, "
+                    "send-to-receive latency, errors, lost and duplicated messages. Exits 3 on any loss.")
+    d.add_argument("--target", dest="targets", action="append", type=_target, required=True, metavar="HOST:PORT",
+                   help="a node; repeat for several (users are spread round-robin)")
+    d.add_argument("--duration", type=_positive, default=10.0,
+                   help="seconds measured, after the warmup (default %(default)s)")
+    d.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (default %(default)s)")
+    d.add_argument("--rate", type=_positive, default=None,
+                   help="open loop: this many messages a second in total; without it, closed loop")
+    d.add_argument("--window", type=int, default=1,
+                   help="closed loop: sends each user keeps outstanding (default %(default)s)")
+    d.add_argument("--arrival", choices=["uniform", "poisson"], default="uniform",
+                   help="open loop: evenly paced or Poisson arrivals (default %(default)s)")
+    d.add_argument("--size", type=int, default=0, help="pad message texts to about this many characters")
+    d.add_argument("--drain", type=float, default=5.0,
+                   help="seconds to wait for outstanding replies and messages at the end (default %(default)s)")
+    d.add_argument("--server-pid", dest="server_pids", type=int, action="append", default=[], metavar="PID",
+                   help="a node's pid, to report its CPU use in the window (repeatable)")
+    d.add_argument("--prefix", default="bench", help="user names are PREFIX0, PREFIX1, ... (default %(default)s)")
+
+    i = scenarios.add_parser(
+        "idle", parents=[common], help="many idle logged-in connections: server memory per connection",
+        description="Registers and logs in N users, keeps them idle, and reports the server's RSS per connection.")
+    i.add_argument("--target", type=_target, required=True, metavar="HOST:PORT", help="the node")
+    i.add_argument("--server-pid", type=int, default=None,
+                   help="the node's pid (default: whoever listens on the target port, when visible)")
+    i.add_argument("--prefix", default="idle", help="user names are PREFIX0, PREFIX1, ... (default %(default)s)")
+    i.add_argument("--settle", type=float, default=5.0, help="seconds to wait before measuring (default %(default)s)")
+    i.add_argument("--hold", type=float, default=0.0,
+                   help="keep the connections idle this many seconds more (default %(default)s)")
+    i.add_argument("--ping-interval", type=_positive, default=30.0,
+                   help="ping a connection silent this long, to stay within the idle timeout (default %(default)s)")
 
 
 async def run_bench(args: argparse.Namespace) -> int:
-    raise SystemExit("bench: not yet")
+    if args.scenario == "direct":
+        from clusterchat.bench.direct import DirectOptions, run_direct
+
+        return await run_direct(DirectOptions(
+            targets=args.targets, users=args.users, duration=args.duration, warmup=max(0.0, args.warmup),
+            rate=args.rate, window=args.window, arrival=args.arrival, transport=args.transport, prefix=args.prefix,
+            password=args.password, size=args.size, drain=args.drain, per_source=args.per_source,
+            json_path=args.json_path, quiet=args.quiet, server_pids=args.server_pids,
+        ))
+    if args.scenario == "idle":
+        from clusterchat.bench.idle import IdleOptions, run_idle
+
+        return await run_idle(IdleOptions(
+            target=args.target, users=args.users, server_pid=args.server_pid, prefix=args.prefix,
+            password=args.password, transport=args.transport, settle=args.settle, hold=args.hold,
+            ping_interval=args.ping_interval, per_source=args.per_source, json_path=args.json_path,
+            quiet=args.quiet,
+        ))
+    print(f"bench: unknown scenario {args.scenario}", file=sys.stderr)
+    return 2

@@ -16,9 +16,16 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from clusterchat.errors import register_unavailable
+
 log = logging.getLogger(__name__)
+
+# A lost or refused database connection is "retry later", not a bug.
+register_unavailable(OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+asyncmy", "mariadb": "mysql+asyncmy",

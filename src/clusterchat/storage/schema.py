@@ -16,6 +16,7 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 # Names compare exactly (case-sensitive), whatever the server's default collation.
 NameType = String(32).with_variant(mysql.VARCHAR(32, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
 CmidType = String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+Text256 = String(256).with_variant(mysql.VARCHAR(256, charset="utf8mb4"), "mysql", "mariadb")
 MYSQL = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
 
 users = Table(
@@ -52,7 +53,7 @@ friend_requests = Table(
     metadata,
     Column("from_id", BigInteger, primary_key=True, autoincrement=False),
     Column("to_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("note", String(256).with_variant(mysql.VARCHAR(256, charset="utf8mb4"), "mysql", "mariadb"), nullable=False),
+    Column("note", Text256, nullable=False),
     Column("ts", BigInteger, nullable=False),
     Index("ix_friend_requests_to", "to_id"),
     **MYSQL,
@@ -63,7 +64,7 @@ chat_groups = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("name", NameType, nullable=False),
-    Column("description", String(256).with_variant(mysql.VARCHAR(256, charset="utf8mb4"), "mysql", "mariadb"), nullable=False),
+    Column("description", Text256, nullable=False),
     Column("creator_id", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     **MYSQL,

@@ -96,10 +96,14 @@ async def start_websocket(node: ChatNode, host: str, port: int) -> Server:
         writer = asyncio.create_task(outlet.run_writer())
         try:
             async for message in ws:
-                size = len(message.encode() if isinstance(message, str) else message)
+                size = len(message)
+                if isinstance(message, str) and size * 4 > max_frame:
+                    size = len(message.encode())
                 if size > max_frame:
                     session.on_frame_too_large(FrameTooLarge(f"frame of {size} bytes is over the limit of {max_frame}"))
                     break
+                if not message.strip():
+                    continue  # blank messages are ignored, like blank lines on TCP
                 session.on_frames([message])  # type: ignore[list-item]
                 if session.closed:
                     break
