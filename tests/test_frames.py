@@ -124,8 +124,6 @@ def test_exactly_max_frame_bytes_arriving_in_pieces_is_accepted() -> None:
     assert splitter.feed(b"\n") == [b"x" * LIMIT]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a max_frame-byte frame ended by \\r\\n is rejected when a chunk "
-                                       "ends between \\r and \\n (frames.py checks len(tail) > limit with the \\r)")
 def test_exactly_max_frame_bytes_with_crlf_split_before_lf_is_accepted() -> None:
     splitter = LineSplitter(LIMIT)
     assert splitter.feed(b"x" * LIMIT + b"\r") == []
@@ -199,7 +197,7 @@ def test_any_chunking_yields_exactly_the_frames(frames: list[bytes], cuts: list[
 @given(
     items=st.lists(
         st.tuples(
-            frame_bytes.filter(lambda b: len(b) < LIMIT),  # see the xfail above for == LIMIT with \r\n
+            frame_bytes.filter(lambda b: len(b) < LIMIT),
             st.sampled_from([b"\n", b"\r\n"]),
             st.lists(st.sampled_from([b"\n", b"\r\n", b" \n", b"\t\r\n"]), max_size=2),
         ),

@@ -78,7 +78,7 @@ class _Slot:
 
 class Session:
     __slots__ = (
-        "_cursor", "_exclusive", "_max_seen", "_pending", "_rate_last", "_rate_tokens",
+        "_cursor", "_epoch", "_exclusive", "_max_seen", "_pending", "_rate_last", "_rate_tokens",
         "_reading_paused", "_replies", "_waiting", "closed", "friends", "last_frame", "next_seq",
         "node", "outlet", "token", "user_id", "user_name",
     )  # fmt: skip
@@ -99,6 +99,7 @@ class Session:
         self._exclusive = False
         self._reading_paused = False
         self._cursor = CursorState.OFF
+        self._epoch = 0  # bumped by every login and logout; a catch-up of an older epoch stops
         self.next_seq = 1
         self._pending: list[tuple[int, bytes]] = []
         self._max_seen = 0
@@ -263,6 +264,7 @@ class Session:
     # ---- inbox cursor -------------------------------------------------------------
 
     def begin_login(self) -> None:
+        self._epoch += 1
         self._cursor = CursorState.LOGGING_IN
         self._pending = []
         self._max_seen = 0
@@ -280,6 +282,7 @@ class Session:
             self._drain_pending()
 
     def end_session(self) -> None:
+        self._epoch += 1
         self._cursor = CursorState.OFF
         self._pending = []
 
@@ -333,33 +336,38 @@ class Session:
 
     async def _catch_up_from_db(self) -> None:
         assert self.user_id is not None
-        user_id = self.user_id
+        user_id, epoch = self.user_id, self._epoch
         try:
-            for _attempt in range(50):
-                target = max([self._max_seen, *(seq for seq, _ in self._pending)], default=0)
-                if target < self.next_seq:
+            for attempt in range(50):
+                # Read up to the first event held here (those we write ourselves), or to
+                # the highest seq seen when events were not held.
+                upto = min(self._pending)[0] - 1 if self._pending else self._max_seen
+                if upto < self.next_seq:
                     break
-                page = await self.node.messages.since(user_id, self.next_seq - 1, 500)
-                if self.closed or self.user_id != user_id:
+                page = await self.node.messages.since(user_id, self.next_seq - 1, min(500, upto - self.next_seq + 1))
+                if self.closed or self._epoch != epoch:
                     return
                 for message in page.messages:
                     if message.seq == self.next_seq:
                         self.write(self.node.message_frame(message))
                         self.next_seq += 1
                 if not page.messages:
-                    await asyncio.sleep(0.01 * (_attempt + 1))  # committed elsewhere, not yet visible
+                    await asyncio.sleep(0.01 * (attempt + 1))  # committed elsewhere, not yet visible
                 else:
                     await self.outlet.drain()
+                if self.closed or self._epoch != epoch:
+                    return
         except ChatError:
             log.warning("catch-up for user %d failed; the client will get the rest by sync or login", user_id)
         except Exception:
             log.exception("catch-up for user %d failed", user_id)
-        if self.closed or self.user_id != user_id:
+        if self.closed or self._epoch != epoch:
             return
         self._cursor = CursorState.LIVE
-        self._max_seen = 0
+        if self._max_seen < self.next_seq:
+            self._max_seen = 0
         if self._pending and min(self._pending)[0] > self.next_seq:
-            log.warning("user %d: seqs %d.. never became readable; skipping to the next one held",
+            log.warning("user %d: seqs from %d never became readable; skipping to the next one held",
                         user_id, self.next_seq)
             self.next_seq = min(self._pending)[0]
         self._drain_pending()

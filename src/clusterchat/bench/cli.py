@@ -43,12 +43,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                         help="past 25,000 connections to a loopback target, use a new 127.0.0.x source address "
                              "every this many (default %(default)s)")
     common.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    common.add_argument("--ping-interval", type=_positive, default=30.0,
+                        help="ping a connection silent this long, to stay within the node's idle timeout "
+                             "(default %(default)s)")
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     d = scenarios.add_parser(
         "direct", parents=[common], help="friend pairs sending direct messages",
         description="N users in N/2 friend pairs send each other direct messages; reports msgs/s, "
-                    "send-to-receive latency, errors, lost and duplicated messages. Exits 3 on any loss.")
+                    "send-to-receive latency, errors, lost and duplicated messages. Exits 3 on any loss, "
+                    "4 when a connection dropped.")
     d.add_argument("--target", dest="targets", action="append", type=_target, required=True, metavar="HOST:PORT",
                    help="a node; repeat for several (users are spread round-robin)")
     d.add_argument("--duration", type=_positive, default=10.0,
@@ -77,8 +81,6 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     i.add_argument("--settle", type=float, default=5.0, help="seconds to wait before measuring (default %(default)s)")
     i.add_argument("--hold", type=float, default=0.0,
                    help="keep the connections idle this many seconds more (default %(default)s)")
-    i.add_argument("--ping-interval", type=_positive, default=30.0,
-                   help="ping a connection silent this long, to stay within the idle timeout (default %(default)s)")
 
 
 async def run_bench(args: argparse.Namespace) -> int:
@@ -90,6 +92,7 @@ async def run_bench(args: argparse.Namespace) -> int:
             rate=args.rate, window=args.window, arrival=args.arrival, transport=args.transport, prefix=args.prefix,
             password=args.password, size=args.size, drain=args.drain, per_source=args.per_source,
             json_path=args.json_path, quiet=args.quiet, server_pids=args.server_pids,
+            ping_interval=args.ping_interval,
         ))
     if args.scenario == "idle":
         from clusterchat.bench.idle import IdleOptions, run_idle

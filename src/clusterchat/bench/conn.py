@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import msgspec
 
 _encode = msgspec.json.Encoder().encode
+_monotonic = time.monotonic
 _generic = msgspec.json.Decoder()
 
 
@@ -117,6 +118,7 @@ class BenchConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_write = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -181,6 +183,7 @@ class BenchConn(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
+        self.last_write = _monotonic()
         if self._ws:
             transport.write(b"".join([ws_frame(f) for f in frames]))
         elif len(frames) == 1:
@@ -226,7 +229,6 @@ class BenchConn(asyncio.Protocol):
         rid = next(self._rids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[rid] = (op, fut)
-        self.last_write = time.monotonic()
         self.send_frame(_encode({"op": op, "rid": rid, **fields}))
         try:
             return await asyncio.wait_for(fut, wait_s)
@@ -235,7 +237,6 @@ class BenchConn(asyncio.Protocol):
 
     def ping(self) -> None:
         """A fire-and-forget ping (keeps an idle connection within the node's idle timeout)."""
-        self.last_write = time.monotonic()
         self.send_frame(b'{"op":"ping"}')
 
     def _on_setup_frame(self, msg: Any) -> None:
@@ -393,9 +394,13 @@ def raise_nofile_limit() -> int:
 
 
 async def keepalive(conns: Sequence[BenchConn], interval: float = 30.0, stop: asyncio.Event | None = None) -> None:
-    """Ping every connection that wrote nothing for `interval` seconds, spread over each second."""
+    """Ping every connection that wrote nothing for `interval` seconds (checked every second).
+
+    `conns` may grow while this runs (it is read afresh each second).
+    """
+    period = min(1.0, interval / 2)
     while stop is None or not stop.is_set():
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(period)
         cutoff = time.monotonic() - interval
         for c in conns:
             if not c.closed and c.last_write < cutoff and c.transport is not None:

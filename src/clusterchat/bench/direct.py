@@ -74,6 +74,7 @@ class DirectOptions:
     json_path: str | None = None
     quiet: bool = False
     server_pids: list[int] = field(default_factory=list)
+    ping_interval: float = 30.0
 
     @property
     def closed_loop(self) -> bool:
@@ -295,7 +296,6 @@ def _check(results: list[Any], what: str) -> None:
 async def setup_users(run: DirectRun) -> list[DirectUser]:
     o = run.options
     websocket = o.transport == "ws"
-    users: list[DirectUser] = []
 
     async def open_one(i: int) -> DirectUser:
         host, port = o.targets[i % len(o.targets)]
@@ -304,7 +304,7 @@ async def setup_users(run: DirectRun) -> list[DirectUser]:
 
     results = await gather_limited([open_one(i) for i in range(o.users)], CONNECT_PARALLEL)
     users = [r for r in results if isinstance(r, DirectUser)]
-    run.users = users
+    run.users.extend(users)
     _check(results, "connecting")
     _check(await gather_limited([_register(u, o.password) for u in users], SETUP_PARALLEL), "register")
     _check(await gather_limited([_login(u, o.password) for u in users], SETUP_PARALLEL), "login")
@@ -397,7 +397,11 @@ async def run_direct(o: DirectOptions) -> int:
     if o.window < 1:
         print("bench direct: --window must be at least 1", file=sys.stderr)
         return 2
-    raise_nofile_limit()
+    limit = raise_nofile_limit()
+    if o.users + 64 > limit:
+        print(f"bench direct: {o.users} connections need more open files than the limit of {limit}",
+              file=sys.stderr)
+        return 2
     try:
         cpu = CpuProbe(o.server_pids)
     except Exception as exc:
@@ -406,15 +410,14 @@ async def run_direct(o: DirectOptions) -> int:
     run = DirectRun(o)
     t0 = time.perf_counter()
     stop_keepalive = asyncio.Event()
-    keeper = asyncio.get_running_loop().create_task(keepalive([], stop=stop_keepalive))
+    # Setup can outlast the node's idle timeout (thousands of argon2 hashes); so can a slow open loop.
+    keeper = asyncio.get_running_loop().create_task(keepalive(run.users, o.ping_interval, stop_keepalive))
     try:
         try:
             users = await setup_users(run)
         except Setup as exc:
             print(f"bench direct: {exc}", file=sys.stderr)
             return 1
-        keeper.cancel()
-        keeper = asyncio.get_running_loop().create_task(keepalive(users, stop=stop_keepalive))
         setup_s = time.perf_counter() - t0
         if not o.quiet:
             progress(f"bench direct: {len(users)} users ready in {setup_s:.1f} s (run {run.run_id}, "
@@ -524,7 +527,10 @@ async def _load(run: DirectRun, users: list[DirectUser], setup_s: float, cpu: Cp
         print(f"LOST {losses.lost} MESSAGES (e.g. {', '.join(losses.lost_examples[:5])})")
         print(f"LOST {losses.lost} MESSAGES", file=sys.stderr)
         status = 3
-    if not users or all(u.closed for u in users):
+    if run.disconnects:
+        print(f"DISCONNECTED {run.disconnects} CONNECTIONS during the run", file=sys.stderr)
+        status = status or 4
+    if not users:
         status = status or 1
     return status
 

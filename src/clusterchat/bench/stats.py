@@ -204,7 +204,9 @@ class CpuProbe:
                 server.append(float("nan"))
         me = self.me.cpu_times()
         total = self._psutil.cpu_times()
-        busy = sum(total) - total.idle - getattr(total, "iowait", 0.0)
+        # Time spent running anything in this machine (guest time is already in user; steal is not ours).
+        busy = sum(total) - total.idle - sum(getattr(total, f, 0.0) for f in ("iowait", "steal", "guest",
+                                                                             "guest_nice"))
         return server, me.user + me.system, busy, time.perf_counter()
 
     def start(self) -> None:

@@ -40,7 +40,8 @@ class LineSplitter:
                 raise FrameTooLarge(f"frame of {len(line)} bytes is over the limit of {limit}")
             if line and not line.isspace():
                 frames.append(line)
-        if len(tail) > limit:
+        # A full-size frame may wait for its "\n" with its "\r" already here.
+        if len(tail) > limit and not (len(tail) == limit + 1 and tail.endswith(b"\r")):
             raise FrameTooLarge(f"frame is over the limit of {limit} bytes")
         self._buf = tail
         return frames
