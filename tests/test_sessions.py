@@ -155,6 +155,44 @@ async def test_duplicate_login_reject_keeps_the_first_session(start_node: StartN
     await close_all([carol.client, second])
 
 
+async def test_concurrent_logins_of_one_user_leave_exactly_one_session(node: NodeProcess) -> None:
+    carol = await new_user(node, "carol")
+    alice = await new_user(node, "alice")
+    await befriend(alice, carol)
+    await alice.client.close()
+    await carol.client.next_event("presence", timeout=5)
+
+    clients = [await connect(node, websocket=i % 2 == 1) for i in range(6)]
+    replies = await asyncio.gather(*(c.request("login", name=alice.name, password=PASSWORD) for c in clients),
+                                   return_exceptions=True)
+    assert all(isinstance(r, ConnectionClosed) or r["ok"] for r in replies), replies
+    await asyncio.sleep(0.3)
+    alive = [c for c in clients if not c.closed.is_set()]
+    assert len(alive) == 1
+    (survivor,) = alive
+    assert (await survivor.call("friends"))["friends"] == [{"id": carol.id, "name": carol.name, "online": True}]
+    for c in clients:
+        if c is not survivor:
+            assert [e["event"] for e in drain_events(c) if e["event"] == "kicked"] == ["kicked"]
+    assert await friend_online(carol, alice.id)
+    seen = presence_of(drain_events(carol.client), alice.id)
+    assert seen and False not in seen, seen  # online, with no flicker while the logins kicked each other
+    await close_all([carol.client, *clients])
+
+
+async def test_concurrent_logins_with_reject_admit_exactly_one(start_node: StartNode) -> None:
+    node = start_node("--rate-limit", "0", "--duplicate-login", "reject")
+    alice = await new_user(node, "alice")
+    await alice.call("logout")
+    clients = [await connect(node, websocket=i % 2 == 1) for i in range(6)]
+    replies = await asyncio.gather(*(c.request("login", name=alice.name, password=PASSWORD) for c in clients))
+    assert sorted("ok" if r["ok"] else r["error"]["code"] for r in replies) == ["already_logged_in"] * 5 + ["ok"]
+    assert not any(c.closed.is_set() for c in clients)
+    (winner,) = [c for c, r in zip(clients, replies, strict=True) if r["ok"]]
+    assert "groups" in await winner.call("groups")
+    await close_all([alice.client, *clients])
+
+
 # --------------------------------------------------------------------------- presence
 
 

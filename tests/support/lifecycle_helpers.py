@@ -180,7 +180,7 @@ class BareSocket:
             except (EOFError, ConnectionResetError):
                 return frames
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.sock.close()
 
 
@@ -293,7 +293,7 @@ def abort_client(client: ChatClient) -> None:
     transport.abort()
 
 
-async def close_all(clients: Iterable[ChatClient | User | Raw | RawWs]) -> None:
+async def close_all(clients: Iterable[ChatClient | User | Raw | RawWs | BareSocket]) -> None:
     for c in clients:
         if isinstance(c, User):
             await c.client.close()

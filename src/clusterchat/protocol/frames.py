@@ -7,6 +7,14 @@ from clusterchat.errors import FrameTooLarge
 DEFAULT_MAX_FRAME = 65536
 
 
+class FrameOverflow(FrameTooLarge):  # type: ignore[misc,valid-type]
+    """A frame over the limit; `frames` are the whole frames read before it, still to serve."""
+
+    def __init__(self, message: str, frames: list[bytes]) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
 class LineSplitter:
     """Feeds on arbitrary chunks, returns whole frames; blank lines are dropped.
 
@@ -37,11 +45,12 @@ class LineSplitter:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if len(line) > limit:
-                raise FrameTooLarge(f"frame of {len(line)} bytes is over the limit of {limit}")
+                self._buf = b""
+                raise FrameOverflow(f"frame of {len(line)} bytes is over the limit of {limit}", frames)
             if line and not line.isspace():
                 frames.append(line)
         # A full-size frame may wait for its "\n" with its "\r" already here.
         if len(tail) > limit and not (len(tail) == limit + 1 and tail.endswith(b"\r")):
-            raise FrameTooLarge(f"frame is over the limit of {limit} bytes")
+            raise FrameOverflow(f"frame is over the limit of {limit} bytes", frames)
         self._buf = tail
         return frames

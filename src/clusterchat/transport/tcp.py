@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from clusterchat.errors import FrameTooLarge
-from clusterchat.protocol.frames import LineSplitter
+from clusterchat.protocol.frames import FrameOverflow, LineSplitter
 from clusterchat.session import Session
 
 if TYPE_CHECKING:
@@ -37,7 +36,9 @@ class TcpConnection(asyncio.Protocol):
         assert session is not None
         try:
             frames = self._splitter.feed(data)
-        except FrameTooLarge as exc:
+        except FrameOverflow as exc:
+            if exc.frames:
+                session.on_frames(exc.frames)
             session.on_frame_too_large(exc)
             return
         if frames:
@@ -75,6 +76,10 @@ class TcpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -1,18 +1,25 @@
-"""WebSocket at /ws: one JSON object per text message, otherwise the same as TCP."""
+"""WebSocket at /ws: one JSON object per text message, otherwise the same as TCP.
+
+Frames are written straight into the connection's sans-I/O protocol and its transport,
+as on TCP, so the only outgoing buffer is the socket's and a session can write
+without awaiting. (`send_data` is websockets' own method that flushes the protocol.)
+"""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import http
 import logging
-from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidState
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from clusterchat.errors import FrameTooLarge
+from clusterchat.protocol.codec import error_event
 from clusterchat.session import Session
 
 if TYPE_CHECKING:
@@ -22,64 +29,59 @@ log = logging.getLogger(__name__)
 
 
 class WebSocketOutlet:
-    """Queues frames for one writer task, so sessions can write without awaiting."""
-
     def __init__(self, ws: ServerConnection) -> None:
         self._ws = ws
-        self._queue: deque[bytes] = deque()
-        self._queued = 0
-        self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._closing = False
         peer = ws.remote_address
         self.peer = f"ws:{peer[0]}:{peer[1]}" if peer else "ws:?"
 
     def write(self, data: bytes) -> None:
-        if self._closing:
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN or ws.transport.is_closing():
             return
-        self._queue.append(data)
-        self._queued += len(data)
-        self._idle.clear()
-        self._wakeup.set()
+        try:
+            ws.protocol.send_text(data[:-1] if data.endswith(b"\n") else data)
+        except InvalidState:
+            return
+        ws.send_data()
 
     def buffered(self) -> int:
-        transport = self._ws.transport
-        return self._queued + (transport.get_write_buffer_size() if transport else 0)
+        return self._ws.transport.get_write_buffer_size()
 
     def close(self) -> None:
-        self._closing = True
-        self._wakeup.set()
+        ws = self._ws
+        if ws.protocol.state is State.OPEN:
+            with contextlib.suppress(InvalidState):
+                ws.protocol.send_close(CloseCode.NORMAL_CLOSURE)
+            ws.send_data()
+
+    def abort(self) -> None:
+        self._ws.transport.abort()
 
     def pause_reading(self) -> None:
-        if self._ws.transport is not None:
-            self._ws.transport.pause_reading()
+        self._ws.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._ws.transport is not None:
-            self._ws.transport.resume_reading()
+        self._ws.transport.resume_reading()
 
     async def drain(self) -> None:
-        await self._idle.wait()
+        with contextlib.suppress(ConnectionError, ConnectionClosed):
+            await self._ws.drain()  # websockets' flow control: returns once the transport resumes
 
-    async def run_writer(self) -> None:
-        ws = self._ws
-        try:
-            while True:
-                while self._queue:
-                    data = self._queue.popleft()
-                    self._queued -= len(data)
-                    await ws.send(data.rstrip(b"\n"), text=True)
-                self._idle.set()
-                if self._closing:
-                    await ws.close()
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-        except ConnectionClosed:
-            pass
-        finally:
-            self._idle.set()
+
+class ChatWebSocket(ServerConnection):
+    """Sends `frame_too_large` before websockets closes with 1009 for an oversized message."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        protocol = self.protocol
+        original_fail = protocol.fail
+
+        def fail(code: CloseCode | int, reason: str = "") -> None:
+            if code == CloseCode.MESSAGE_TOO_BIG and protocol.state is State.OPEN:
+                protocol.send_text(error_event(FrameTooLarge("the message is over the frame limit"))[:-1])
+            original_fail(code, reason)
+
+        protocol.fail = fail  # type: ignore[method-assign]
 
 
 async def start_websocket(node: ChatNode, host: str, port: int) -> Server:
@@ -91,9 +93,7 @@ async def start_websocket(node: ChatNode, host: str, port: int) -> Server:
         return None
 
     async def handler(ws: ServerConnection) -> None:
-        outlet = WebSocketOutlet(ws)
-        session = Session(node, outlet)
-        writer = asyncio.create_task(outlet.run_writer())
+        session = Session(node, WebSocketOutlet(ws))
         try:
             async for message in ws:
                 size = len(message)
@@ -111,13 +111,8 @@ async def start_websocket(node: ChatNode, host: str, port: int) -> Server:
             pass
         finally:
             session.on_connection_lost()
-            outlet.close()
-            try:
-                await asyncio.wait_for(writer, 5)
-            except (TimeoutError, ConnectionClosed):
-                writer.cancel()
 
     return await serve(
-        handler, host, port, process_request=process_request,
+        handler, host, port, process_request=process_request, create_connection=ChatWebSocket,
         max_size=max(4 * max_frame, 1 << 20), ping_interval=None, compression=None,
     )
