@@ -183,7 +183,10 @@ def test_boundaries_accepted() -> None:
     assert decode({"op": "register", "name": "a", "password": "p" * 128}).password == "p" * 128  # type: ignore[attr-defined]
     assert decode({"op": "send", "to": 1, "text": "t" * 4096}).text == "t" * 4096  # type: ignore[attr-defined]
     assert decode({"op": "send", "to": 1, "text": "é" * 4096}).text == "é" * 4096  # characters, not bytes  # type: ignore[attr-defined]
-    assert decode({"op": "send", "to": 1, "text": "line 1\nline 2\t\x00"}).text == "line 1\nline 2\t\x00"  # type: ignore[attr-defined]
+    assert decode({"op": "send", "to": 1, "text": "line 1\nline 2\t\x01"}).text == "line 1\nline 2\t\x01"  # type: ignore[attr-defined]
+    # NUL is refused: PostgreSQL cannot store it.
+    with pytest.raises(RequestError, match="`text`: must not contain the NUL character"):
+        decode({"op": "send", "to": 1, "text": "a\x00b"})
     assert decode({"op": "friend_request", "user_id": 1, "note": "n" * 256}).note == "n" * 256  # type: ignore[attr-defined]
     assert decode({"op": "create_group", "name": "g", "desc": "d" * 256}).desc == "d" * 256  # type: ignore[attr-defined]
     assert decode({"op": "sync", "after": 0, "limit": 1}).limit == 1  # type: ignore[attr-defined]
@@ -572,8 +575,9 @@ _names = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zs", 
 _ids = st.integers(min_value=1, max_value=MAX_ID - 1)
 _seqs = st.integers(min_value=0, max_value=MAX_ID - 1)
 _any_text = st.characters(blacklist_categories=("Cs",))
-_texts = st.text(alphabet=_any_text, min_size=1, max_size=4096)
-_notes = st.text(alphabet=_any_text, max_size=256)
+_stored_text = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")  # NUL is refused
+_texts = st.text(alphabet=_stored_text, min_size=1, max_size=4096)
+_notes = st.text(alphabet=_stored_text, max_size=256)
 _cmids = st.text(alphabet=_any_text, min_size=1, max_size=64)
 _limits = st.integers(min_value=1, max_value=100)
 _rooms = st.text(alphabet=_any_text, min_size=1, max_size=64)

@@ -108,7 +108,6 @@ async def test_friend_request_errors(chat: Chat) -> None:
     assert_error(await alice.request("friend_request", user_id=2**53), "bad_request", "user_id")
     assert_error(await alice.request("friend_request"), "bad_request", "user_id")
     assert_error(await alice.request("friend_request", user_id=bob_id, note="n" * 257), "bad_request", "note")
-    assert_error(await alice.request("friend_accept", user_id=MISSING_ID), "bad_request")
     assert_error(await alice.request("unfriend", user_id=MISSING_ID), "no_such_user")
     # Accepting a request nobody made befriends nobody.
     assert_error(await alice.request("friend_accept", user_id=bob_id), "bad_request")
@@ -116,6 +115,11 @@ async def test_friend_request_errors(chat: Chat) -> None:
     bob = await chat.login("bob")
     assert bob.login["friend_requests"] == [] and bob.login["friends"] == []
     assert (await alice.call("friends"))["friends"] == []
+
+
+async def test_friend_accept_of_an_unknown_id_is_no_such_user(chat: Chat) -> None:
+    alice = await chat.user("alice")
+    assert_error(await alice.request("friend_accept", user_id=MISSING_ID), "no_such_user")
 
 
 async def test_mutual_requests_accept_each_other(chat: Chat) -> None:

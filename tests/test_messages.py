@@ -38,12 +38,18 @@ def close_to_now(ts: int) -> bool:
     return abs(ts - time.time() * 1000) < 5000
 
 
-async def pipeline(client: ChatClient, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Write every request in one go, without waiting for any reply; the replies in order."""
+async def pipeline(client: ChatClient, requests: list[dict[str, Any]], *,
+                   websocket: bool = False) -> list[dict[str, Any]]:
+    """Send every request without waiting for any reply (over TCP in one write; over WebSocket one
+    message each, back to back); the replies, in order."""
     base = f"p{id(requests)}-"
     futures = [client.expect_reply(f"{base}{i}") for i in range(len(requests))]
-    data = b"".join(json.dumps({**r, "rid": f"{base}{i}"}).encode() + b"\n" for i, r in enumerate(requests))
-    await client.send_raw(data)
+    frames = [json.dumps({**r, "rid": f"{base}{i}"}).encode() + b"\n" for i, r in enumerate(requests)]
+    if websocket:
+        for frame in frames:
+            await client.send_raw(frame)
+    else:
+        await client.send_raw(b"".join(frames))
     return list(await asyncio.wait_for(asyncio.gather(*futures), 60))
 
 
@@ -121,6 +127,11 @@ async def test_all_group_members_see_the_same_order(chat: Chat) -> None:
     gid = (await members[0].call("create_group", name="busy"))["group"]["id"]
     for user in members[1:]:
         await user.call("join_group", group_id=gid)
+    # One message first, so the bursts below do not start right after a join (see
+    # test_pipelined_group_sends_right_after_a_join_keep_their_order for that case).
+    await members[4].call("group_send", group_id=gid, text="warm-up")
+    for user in members[:4]:
+        assert (await user.event("message"))["text"] == "warm-up"
     for user in members:
         await quiet(user.client)
 
@@ -141,7 +152,8 @@ async def test_all_group_members_see_the_same_order(chat: Chat) -> None:
     # Each member: strictly increasing seq, and each sender's messages in the order sent.
     for name, events in received.items():
         seqs = [e["seq"] for e in events]
-        assert seqs == list(range(1, len(events) + 1)), name
+        first = 1 if name == "m4" else 2
+        assert seqs == list(range(first, first + len(events))), name
         for sender in senders:
             texts = [e["text"] for e in events if e["from"]["id"] == sender.id]
             if sender.name != name:
@@ -162,7 +174,20 @@ async def test_all_group_members_see_the_same_order(chat: Chat) -> None:
         if len(page) < 100:
             break
         before = page[0]["id"]
-    assert history == orders["m4"]
+    assert history[1:] == orders["m4"]
+
+
+async def test_pipelined_group_sends_right_after_a_join_keep_their_order(chat: Chat) -> None:
+    alice, bob = await chat.users("alice", "bob")
+    gid = (await alice.call("create_group", name="team"))["group"]["id"]
+    await bob.call("join_group", group_id=gid)
+    replies = await pipeline(alice.client, [{"op": "group_send", "group_id": gid, "text": f"g{i}"}
+                                            for i in range(100)])
+    assert all(r["ok"] for r in replies)
+    events = await messages_of(bob, 100)
+    # Section 6: messages from one sender to one recipient arrive in the order they were sent.
+    assert [e["text"] for e in events] == [f"g{i}" for i in range(100)]
+    assert [r["id"] for r in replies] == sorted(r["id"] for r in replies)
 
 
 async def test_pipelined_sends_arrive_in_order(chat: Chat) -> None:
@@ -295,11 +320,12 @@ async def test_more_than_500_waiting_then_sync_pages_the_rest(chat: Chat) -> Non
     await alice.call("send", to=bob_id, text="live again")
     events = [e for e in [await bob.event("message"), *await quiet(bob.client)] if e["event"] == "message"]
     assert [(e["seq"], e["text"]) for e in events] == [(total + 2, "live again")]
-    # Acking part of it: the next login starts right after the ack, and says `more` no longer.
-    await bob.call("ack", seq=100)
+    # Acking part of it: the next login starts right after the ack; `more` until at most 500 wait.
+    await bob.call("ack", seq=20)
     await bob.call("logout")
     bob = await chat.login("bob")
-    assert bob.login["more"] is True and bob.login["offline"][0]["seq"] == 101
+    assert bob.login["more"] is True and len(bob.login["offline"]) == 500
+    assert bob.login["offline"][0]["seq"] == 21
     await bob.call("ack", seq=total + 2 - 500)
     await bob.call("logout")
     bob = await chat.login("bob")
@@ -355,7 +381,7 @@ async def test_history_default_limit_and_groups(chat: Chat) -> None:
     gid = (await alice.call("create_group", name="team"))["group"]["id"]
     other = (await alice.call("create_group", name="other"))["group"]["id"]
     await bob.call("join_group", group_id=gid)
-    replies = await pipeline(alice.client, [{"op": "group_send", "group_id": gid, "text": f"g{i}"} for i in range(60)])
+    replies = [await alice.call("group_send", group_id=gid, text=f"g{i}") for i in range(60)]
     await bob.call("group_send", group_id=gid, text="from bob")
     await alice.call("group_send", group_id=other, text="elsewhere")
     await alice.call("send", to=bob.id, text="direct")
@@ -430,7 +456,7 @@ async def test_long_and_unicode_text_round_trips(chat: Chat) -> None:
     gid = (await alice.call("create_group", name="unicode"))["group"]["id"]
     await bob.call("join_group", group_id=gid)
     emoji = "🙂" * 4096
-    texts = [TEXT_4096, emoji, "x" * 4096, "a", "\u0000 nul and \u007f del"]
+    texts = [TEXT_4096, emoji, "x" * 4096, "a", "\u007f del \u0085 nel \ufeff bom \U0010ffff"]
     for text in texts:
         sent = await alice.call("send", to=bob.id, text=text)
         ev = await bob.event("message")
@@ -455,7 +481,8 @@ async def test_tcp_and_websocket_users_chat(chat: Chat) -> None:
     sent = await tcp.call("send", to=ws.id, text="over tcp ✓")
     assert await ws.event("message") == {"event": "message", "seq": 1, "id": sent["id"], "from": tcp.ref,
                                          "to": ws.id, "text": "over tcp ✓", "ts": sent["ts"]}
-    replies = await pipeline(ws.client, [{"op": "send", "to": tcp.id, "text": f"ws {i}"} for i in range(20)])
+    replies = await pipeline(ws.client, [{"op": "send", "to": tcp.id, "text": f"ws {i}"} for i in range(20)],
+                             websocket=True)
     events = await messages_of(tcp, 20)
     assert [e["id"] for e in events] == [r["id"] for r in replies]
     assert [e["seq"] for e in events] == list(range(1, 21))
@@ -469,3 +496,16 @@ async def test_tcp_and_websocket_users_chat(chat: Chat) -> None:
     await ws.call("ack", seq=2)
     await ws.call("logout")
     assert await tcp.event("presence") == {"event": "presence", "user_id": ws.id, "online": False}
+
+
+async def test_a_text_with_nul_is_refused_and_fails_no_other_message(chat: Chat) -> None:
+    """U+0000 cannot be stored by PostgreSQL, so every node refuses it in `text` with bad_request
+    naming the field; the messages pipelined around it are stored and delivered."""
+    alice, bob = await chat.users("alice", "bob")
+    await make_friends(alice, bob)
+    texts = ["before", "nul \u0000 inside", "after"]
+    replies = await pipeline(alice.client, [{"op": "send", "to": bob.id, "text": t} for t in texts])
+    assert [r["ok"] for r in replies] == [True, False, True], replies
+    assert replies[1]["error"]["code"] == "bad_request" and "`text`" in replies[1]["error"]["message"]
+    assert [e["text"] for e in await messages_of(bob, 2)] == ["before", "after"]
+    assert [m["text"] for m in (await bob.call("history", **{"with": alice.id}))["messages"]] == ["before", "after"]

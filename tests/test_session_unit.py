@@ -44,6 +44,7 @@ class FakeOutlet:
         self.writes: list[bytes] = []
         self.pending_bytes = 0
         self.closed = False
+        self.aborted = False
         self.pauses = 0
         self.resumes = 0
         self.drains = 0
@@ -57,6 +58,10 @@ class FakeOutlet:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+        self.aborted = True
 
     def pause_reading(self) -> None:
         self.pauses += 1
@@ -690,6 +695,7 @@ def test_write_to_an_outlet_over_max_buffer_closes_the_session() -> None:
     session.on_frames([ping(2)])
     assert len(outlet.writes) == 1
     assert outlet.closed
+    assert outlet.aborted  # not a graceful close: that would wait for a flush that never comes
     assert session.closed
     assert session not in node.connections
     assert node.ended == [session]

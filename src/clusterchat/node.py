@@ -105,6 +105,7 @@ class ChatNode:
         host = config.public_host
         self.rooms = RoomService({"host": host, "port": self.tcp_address[1],
                                   "ws_url": f"ws://{host}:{self.ws_address[1]}/ws"})
+        self.sessions.on_end.append(self._leave_rooms)
         self._sweeper = self.loop.create_task(self._sweep_idle(), name="idle-sweeper")
         self._janitor = self.loop.create_task(self._purge_tokens(), name="token-janitor")
 
@@ -167,9 +168,11 @@ class ChatNode:
     # ---- sessions ---------------------------------------------------------------
 
     def session_ended(self, session: Session) -> None:
+        self.sessions.end(session)
+
+    def _leave_rooms(self, session: Session) -> None:
         if session.user_id is not None and self.rooms.rooms:
             self.rooms.leave_all(session.user_id, session.user_name, session)
-        self.sessions.end(session)
 
     def message_frame(self, message: InboxMessage) -> bytes:
         return inbox_message_frame(message)

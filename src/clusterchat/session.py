@@ -194,11 +194,14 @@ class Session:
             slot.data = reply_ok(op, rid, outcome)  # type: ignore[arg-type]
             self._push_slot(slot)
             return
-        if not request.pipelined:
+        # A pipelined op that could not be queued at once (it must read something first)
+        # holds back the requests after it, so they cannot overtake it.
+        exclusive = not request.pipelined or not isinstance(outcome, asyncio.Future)
+        if exclusive:
             self._exclusive = True
         self._replies.append(slot)
         future = outcome if isinstance(outcome, asyncio.Future) else self.node.spawn(outcome)
-        future.add_done_callback(lambda f: self._finished(slot, op, rid, f, not request.pipelined))  # type: ignore[arg-type]
+        future.add_done_callback(lambda f: self._finished(slot, op, rid, f, exclusive))  # type: ignore[arg-type]
 
     def _finished(self, slot: _Slot, op: str, rid: Any, future: asyncio.Future[Any], exclusive: bool) -> None:
         if future.cancelled():

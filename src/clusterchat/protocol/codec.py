@@ -82,7 +82,10 @@ def _field_message(text: str) -> str:
         field, detail = "request", text
     detail = detail.replace("`", "")
     if "matching regex" in detail:
-        detail = "expected 1 to 32 characters with no whitespace or control characters"
+        if "x00]*" in detail:
+            detail = "must not contain the NUL character"
+        else:
+            detail = "expected 1 to 32 characters with no whitespace or control characters"
     return f"field `{field}`: {detail[:1].lower()}{detail[1:]}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from clusterchat.errors import AlreadyLoggedIn, BadRequest
@@ -32,6 +33,8 @@ class SessionService:
         self._messages = messages
         self._hub = hub
         self._reject_duplicates = reject_duplicates
+        # Called with a session just before it stops being its user's (logout, kick, disconnect).
+        self.on_end: list[Callable[[Session], None]] = []
 
     async def login(self, session: Session, req: Login) -> dict[str, Any]:
         if session.user_id is not None:
@@ -92,6 +95,7 @@ class SessionService:
         """Close an older session of a user who logged in again; friends see no flicker."""
         log.info("user %s logged in again: closing the older session from %s", old.user_id, old.outlet.peer)
         self._hub.detach(old)
+        self._run_end_hooks(old)
         old.write(kicked())
         old.user_id = None
         old.end_session()
@@ -108,6 +112,7 @@ class SessionService:
         user_id = session.user_id
         if user_id is None:
             return
+        self._run_end_hooks(session)
         if self._hub.detach(session):
             self._hub.announce_presence(user_id, False, session.friends)
             log.info("user %d logged out", user_id)
@@ -115,3 +120,10 @@ class SessionService:
         session.token = None
         session.friends = set()
         session.end_session()
+
+    def _run_end_hooks(self, session: Session) -> None:
+        for hook in self.on_end:
+            try:
+                hook(session)
+            except Exception:
+                log.exception("session end hook failed")

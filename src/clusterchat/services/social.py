@@ -47,6 +47,8 @@ class FriendService:
         me = _me(session)
         if asker in session.friends:
             raise AlreadyFriends(f"user {asker} is already your friend")
+        if await self._accounts.name_of(asker) is None:
+            raise NoSuchUser(f"no user has id {asker}")
         if not await self._store.has_request(asker, me):
             raise BadRequest(f"field `user_id`: user {asker} has not asked to be your friend")
         friend = await self._befriend(session, asker)
@@ -92,6 +94,7 @@ class GroupService:
         self._store = store
         self._hub = hub
         self._members: dict[int, frozenset[int]] = {}
+        self._versions: dict[int, int] = {}  # bumped by every change, so a slow load can't cache stale members
         self._cache_size = cache_size
 
     def group_dict(self, group: GroupRecord, viewer: int) -> dict[str, Any]:
@@ -111,17 +114,20 @@ class GroupService:
         cached = self._members.get(group_id)
         if cached is not None:
             return cached
+        version = self._versions.get(group_id, 0)
         ids = await self._store.member_ids(group_id)
         if ids is None:
             raise NoSuchGroup(f"no group has id {group_id}")
         members = frozenset(ids)
-        if len(self._members) >= self._cache_size:
-            self._members.pop(next(iter(self._members)))
-        self._members[group_id] = members
+        if self._versions.get(group_id, 0) == version:
+            if len(self._members) >= self._cache_size:
+                self._members.pop(next(iter(self._members)))
+            self._members[group_id] = members
         return members
 
     def forget(self, group_id: int) -> None:
         self._members.pop(group_id, None)
+        self._versions[group_id] = self._versions.get(group_id, 0) + 1
 
     async def create(self, session: Session, name: str, desc: str) -> dict[str, Any]:
         me = _me(session)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clusterchat.clock import now_ms
-from clusterchat.errors import Unavailable
+from clusterchat.errors import Unavailable, as_chat_error
 from clusterchat.storage.engine import Database
 from clusterchat.storage.schema import inbox, inbox_state, message_cmids, messages, users
 
@@ -140,8 +140,14 @@ class MessageWriter:
             async with self._db.writer.begin() as conn:
                 await self._transaction(conn, sends, acks)
         except (DBAPIError, SQLAlchemyError, OSError) as exc:
+            if as_chat_error(exc) is None and len(batch) > 1:
+                # Not an outage but one bad row: write each on its own so only it fails.
+                log.warning("message batch of %d failed (%s); retrying one by one", len(batch), type(exc).__name__)
+                for item in batch:
+                    await self._write([item])
+                return
             log.warning("message batch of %d failed: %s", len(batch), type(exc).__name__)
-            error = Unavailable("the database is unavailable; the message was not sent")
+            error = as_chat_error(exc) or Unavailable("the message could not be stored")
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
