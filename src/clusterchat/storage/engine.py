@@ -119,6 +119,8 @@ def _sqlite_pragmas(dbapi_connection: Any) -> None:
     # FULL: a commit is on disk before it returns, so "ok" survives power loss too.
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
+    cursor.execute("PRAGMA mmap_size=268435456")
     cursor.close()
 
 

@@ -14,23 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clusterchat.clock import now_ms
 from clusterchat.errors import Unavailable, as_chat_error
 from clusterchat.storage.engine import Database
-from clusterchat.storage.schema import inbox, inbox_state, message_cmids, messages, users
+from clusterchat.storage.schema import counters, inbox, inbox_state, message_cmids, messages, users
 
 log = logging.getLogger(__name__)
 
 CMID_WINDOW_MS = 24 * 3600 * 1000
+_MESSAGE_COLUMNS = ("id", "sender_id", "to_user_id", "group_id", "peer_lo", "peer_hi", "text", "ts")
 _CHUNK = 500
 
 
@@ -79,16 +81,51 @@ class InboxMessage:
 CommitListener = Callable[[Sequence[OutgoingMessage]], None]
 
 
+class _Bulk:
+    """A Core statement compiled once for the dialect, executed with plain tuples.
+
+    The batch statements run with hundreds of rows; SQLAlchemy's per-row parameter
+    processing costs more than the database does, so the rows go to the driver as
+    tuples in the compiled statement's own parameter order. Still parameterized.
+    """
+
+    def __init__(self, statement: Any, dialect: Any, order: tuple[str, ...]) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if tuple(compiled.positiontup or ()) != order:
+            raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {order}")
+        self.sql = str(compiled)
+
+    async def run(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            await conn.exec_driver_sql(self.sql, rows)
+
+
 class MessageWriter:
     """The one writer of messages, inboxes and acks on this node (group commit)."""
 
-    def __init__(self, db: Database, *, max_batch: int = 1024) -> None:
+    def __init__(self, db: Database, *, max_batch: int = 8192) -> None:
         self._db = db
         self._max_batch = max_batch
+        self._loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
         self._queue: deque[OutgoingMessage | AckRequest] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
         self.listeners: list[CommitListener] = []
+        dialect = db.writer.dialect
+        self._insert_message = _Bulk(
+            insert(messages).values({c: bindparam(c) for c in _MESSAGE_COLUMNS}), dialect, _MESSAGE_COLUMNS)
+        self._insert_inbox = _Bulk(
+            insert(inbox).values(user_id=bindparam("u"), seq=bindparam("s"), message_id=bindparam("m")),
+            dialect, ("u", "s", "m"))
+        self._set_last_seq = _Bulk(
+            update(inbox_state).where(inbox_state.c.user_id == bindparam("u")).values(last_seq=bindparam("s")),
+            dialect, ("s", "u"))
+        self._set_acked = _Bulk(
+            update(inbox_state).where(inbox_state.c.user_id == bindparam("u"), inbox_state.c.acked_seq < bindparam("a"))
+            .values(acked_seq=bindparam("s")), dialect, ("s", "u", "a"))
+        self._insert_cmid = _Bulk(
+            insert(message_cmids).values(sender_id=bindparam("u"), cmid=bindparam("c"), message_id=bindparam("m"),
+                                         ts=bindparam("t")), dialect, ("u", "c", "m", "t"))
         self.batches = 0
         self.items = 0
 
@@ -97,7 +134,7 @@ class MessageWriter:
 
     def send(self, sender_id: int, sender_name: str, *, to_user: int | None, group_id: int | None,
              recipients: Sequence[int], text: str, cmid: str | None) -> asyncio.Future[StoredMessage]:
-        future: asyncio.Future[StoredMessage] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[StoredMessage] = self._loop.create_future()
         if self._closed:
             future.set_exception(Unavailable("the node is shutting down"))
             return future
@@ -107,7 +144,7 @@ class MessageWriter:
         return future
 
     def ack(self, user_id: int, seq: int) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         if self._closed:
             future.set_exception(Unavailable("the node is shutting down"))
             return future
@@ -126,7 +163,10 @@ class MessageWriter:
                 continue
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
+            started = time.perf_counter()
             await self._write(batch)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("wrote a batch of %d in %.1f ms", n, (time.perf_counter() - started) * 1000)
 
     def close(self) -> None:
         """Accept nothing more; `run` returns once what is queued is written."""
@@ -194,66 +234,50 @@ class MessageWriter:
                 .with_for_update()
             )
             last_seq.update((row.user_id, row.last_seq) for row in rows)
+        start = dict(last_seq)
 
         if fresh:
-            params = []
-            for s in fresh:
+            ids = await self._reserve_ids(conn, len(fresh))
+            message_rows = []
+            inbox_rows = []
+            for s, message_id in zip(fresh, ids, strict=True):
                 lo = hi = None
                 if s.to_user is not None:
                     lo, hi = min(s.sender_id, s.to_user), max(s.sender_id, s.to_user)
-                params.append({"sender_id": s.sender_id, "to_user_id": s.to_user,
-                               "group_id": s.group_id, "peer_lo": lo, "peer_hi": hi,
-                               "text": s.text, "ts": ts})
-            ids = await self._insert_messages(conn, params)
-            start = dict(last_seq)
-            inbox_rows = []
-            for s, message_id in zip(fresh, ids, strict=True):
+                message_rows.append((message_id, s.sender_id, s.to_user, s.group_id, lo, hi, s.text, ts))
                 deliveries = []
                 for user_id in s.recipients:
-                    if user_id not in last_seq:
+                    seq = last_seq.get(user_id)
+                    if seq is None:
                         continue  # no such user any more: nothing to deliver
-                    seq = last_seq[user_id] + 1
+                    seq += 1
                     last_seq[user_id] = seq
                     deliveries.append((user_id, seq))
-                    inbox_rows.append({"user_id": user_id, "seq": seq, "message_id": message_id})
+                    inbox_rows.append((user_id, seq, message_id))
                 s.stored = StoredMessage(message_id, ts, deliveries)
-            if inbox_rows:
-                await conn.execute(insert(inbox), inbox_rows)
-            changed = [{"uid": u, "new": seq} for u, seq in last_seq.items() if seq != start[u]]
-            if changed:
-                await conn.execute(
-                    update(inbox_state).where(inbox_state.c.user_id == bindparam("uid"))
-                    .values(last_seq=bindparam("new")).execution_options(synchronize_session=False),
-                    changed,
-                )
-            with_cmid = [{"sender_id": s.sender_id, "cmid": s.cmid, "message_id": s.stored.id, "ts": ts}
-                         for s in fresh if s.cmid is not None and s.stored is not None]
-            if with_cmid:
-                await conn.execute(insert(message_cmids), with_cmid)
+            await self._insert_message.run(conn, message_rows)
+            await self._insert_inbox.run(conn, inbox_rows)
+            await self._set_last_seq.run(conn, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
+            await self._insert_cmid.run(conn, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
+                                               if s.cmid is not None and s.stored is not None])
             for twin, original in twins:
                 assert original.stored is not None
                 twin.stored = StoredMessage(original.stored.id, ts, [], duplicate=True)
 
         if ack_seq:
-            rows = [{"uid": u, "seq": min(seq, last_seq.get(u, 0))} for u, seq in ack_seq.items()]
-            await conn.execute(
-                update(inbox_state)
-                .where(inbox_state.c.user_id == bindparam("uid"), inbox_state.c.acked_seq < bindparam("seq"))
-                .values(acked_seq=bindparam("seq")),
-                rows,
-            )
+            await self._set_acked.run(conn, [(min(seq, last_seq.get(u, 0)), u, min(seq, last_seq.get(u, 0)))
+                                             for u, seq in ack_seq.items()])
 
-    async def _insert_messages(self, conn: AsyncConnection, params: list[dict[str, Any]]) -> list[int]:
-        if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-            result = await conn.execute(
-                insert(messages).returning(messages.c.id, sort_by_parameter_order=True), params
-            )
-            return [row[0] for row in result]
-        ids = []
-        for p in params:  # MySQL without RETURNING: one statement per message
-            result = await conn.execute(insert(messages).values(**p))
-            ids.append(int(result.inserted_primary_key[0]))  # type: ignore[index]
-        return ids
+    async def _reserve_ids(self, conn: AsyncConnection, n: int) -> list[int]:
+        """`n` message ids from the `message_id` counter, whose row stays locked until commit.
+
+        Ids are handed out here rather than by autoincrement because INSERT … RETURNING
+        in parameter order runs one statement per row on SQLite.
+        """
+        where = counters.c.name == "message_id"
+        await conn.execute(update(counters).where(where).values(value=counters.c.value + n))
+        last = (await conn.execute(select(counters.c.value).where(where))).scalar_one()
+        return list(range(last - n + 1, last + 1))
 
     async def _dedupe(
         self, conn: AsyncConnection, sends: list[OutgoingMessage], ts: int
@@ -268,13 +292,15 @@ class MessageWriter:
             return sends, []
         known: dict[tuple[int, str], tuple[int, int]] = {}
         expired: list[tuple[int, str]] = []
-        senders = sorted({s.sender_id for s in keyed})
-        cmids = sorted({s.cmid for s in keyed if s.cmid is not None})
-        for chunk in _chunks(cmids):
+        # One (sender, cmid) pair per probe: `sender IN … AND cmid IN …` would make the
+        # database probe every combination of the two lists.
+        pairs = sorted({(s.sender_id, s.cmid) for s in keyed if s.cmid is not None})
+        key = tuple_(message_cmids.c.sender_id, message_cmids.c.cmid)
+        for chunk in _chunks(pairs):
             rows = await conn.execute(
                 select(message_cmids.c.sender_id, message_cmids.c.cmid, message_cmids.c.message_id,
                        message_cmids.c.ts)
-                .where(message_cmids.c.cmid.in_(chunk), message_cmids.c.sender_id.in_(senders))
+                .where(key.in_(chunk))
             )
             for row in rows:
                 if row.ts > ts - CMID_WINDOW_MS:

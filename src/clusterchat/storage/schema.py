@@ -128,3 +128,13 @@ message_cmids = Table(
     Column("ts", BigInteger, nullable=False),
     **MYSQL,
 )
+
+# Named counters; `message_id` hands out message ids inside the writing transaction,
+# under its row lock, so ids grow in commit order on every database.
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+    **MYSQL,
+)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class TcpConnection(asyncio.Protocol):
-    __slots__ = ("_drain", "_node", "_session", "_splitter", "_transport")
+    __slots__ = ("_drain", "_node", "_out", "_session", "_splitter", "_transport")
 
     def __init__(self, node: ChatNode) -> None:
         self._node = node
@@ -21,6 +21,9 @@ class TcpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
         self._drain: asyncio.Future[None] | None = None
+        # Frames written during one turn of the loop leave in one write() at its end:
+        # a reply, an event and another reply to one client cost one system call.
+        self._out: list[bytes] | None = None
 
     @property
     def peer(self) -> str:
@@ -67,17 +70,28 @@ class TcpConnection(asyncio.Protocol):
 
     # ---- Outlet ----
     def write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        if self._out is None:
+            self._out = [data]
+            self._node.loop.call_soon(self._flush)
+        else:
+            self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, None
+        transport = self._transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def buffered(self) -> int:
         return self._transport.get_write_buffer_size() if self._transport else 0
 
     def close(self) -> None:
         if self._transport is not None:
+            self._flush()
             self._transport.close()
 
     def abort(self) -> None:
+        self._out = None
         if self._transport is not None:
             self._transport.abort()
 
