@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,6 +32,7 @@ from clusterchat.storage.schema import counters, inbox, inbox_state, message_cmi
 log = logging.getLogger(__name__)
 
 CMID_WINDOW_MS = 24 * 3600 * 1000
+_CMID_BUCKETS = (1, 4, 16, 64, 256)
 _MESSAGE_COLUMNS = ("id", "sender_id", "to_user_id", "group_id", "peer_lo", "peer_hi", "text", "ts")
 _CHUNK = 500
 
@@ -100,6 +101,18 @@ class _Bulk:
             await conn.exec_driver_sql(self.sql, rows)
 
 
+def _compile_cmid_lookup(size: int, dialect: Any) -> str:
+    c = message_cmids.c
+    query = select(c.sender_id, c.cmid, c.message_id, c.ts).where(
+        or_(*(and_(c.sender_id == bindparam(f"s{i}"), c.cmid == bindparam(f"c{i}")) for i in range(size)))
+    )
+    compiled = query.compile(dialect=dialect)
+    expected = tuple(name for i in range(size) for name in (f"s{i}", f"c{i}"))
+    if tuple(compiled.positiontup or ()) != expected:
+        raise RuntimeError("unexpected parameter order in the cmid lookup")
+    return str(compiled)
+
+
 class MessageWriter:
     """The one writer of messages, inboxes and acks on this node (group commit)."""
 
@@ -126,6 +139,7 @@ class MessageWriter:
         self._insert_cmid = _Bulk(
             insert(message_cmids).values(sender_id=bindparam("u"), cmid=bindparam("c"), message_id=bindparam("m"),
                                          ts=bindparam("t")), dialect, ("u", "c", "m", "t"))
+        self._cmid_lookup = {size: _compile_cmid_lookup(size, dialect) for size in _CMID_BUCKETS}
         self.batches = 0
         self.items = 0
 
@@ -292,21 +306,20 @@ class MessageWriter:
             return sends, []
         known: dict[tuple[int, str], tuple[int, int]] = {}
         expired: list[tuple[int, str]] = []
-        # One (sender, cmid) pair per probe: `sender IN … AND cmid IN …` would make the
-        # database probe every combination of the two lists.
+        # One index probe per (sender, cmid) pair: `sender IN … AND cmid IN …` probes
+        # every combination, and SQLite answers `(sender, cmid) IN (VALUES …)` by
+        # scanning the whole table.
         pairs = sorted({(s.sender_id, s.cmid) for s in keyed if s.cmid is not None})
-        key = tuple_(message_cmids.c.sender_id, message_cmids.c.cmid)
-        for chunk in _chunks(pairs):
-            rows = await conn.execute(
-                select(message_cmids.c.sender_id, message_cmids.c.cmid, message_cmids.c.message_id,
-                       message_cmids.c.ts)
-                .where(key.in_(chunk))
-            )
-            for row in rows:
-                if row.ts > ts - CMID_WINDOW_MS:
-                    known[(row.sender_id, row.cmid)] = (row.message_id, row.ts)
+        for chunk in _chunks(pairs, _CMID_BUCKETS[-1]):
+            size = next(b for b in _CMID_BUCKETS if b >= len(chunk))
+            padded = list(chunk) + [chunk[-1]] * (size - len(chunk))
+            rows = (await conn.exec_driver_sql(self._cmid_lookup[size], tuple(v for pair in padded for v in pair)))
+            rows = {tuple(row) for row in rows}  # padding repeats a pair
+            for sender_id, cmid, message_id, row_ts in rows:
+                if row_ts > ts - CMID_WINDOW_MS:
+                    known[(sender_id, cmid)] = (message_id, row_ts)
                 else:
-                    expired.append((row.sender_id, row.cmid))
+                    expired.append((sender_id, cmid))
         for sender_id, cmid in expired:
             await conn.execute(delete(message_cmids).where(
                 and_(message_cmids.c.sender_id == sender_id, message_cmids.c.cmid == cmid)
