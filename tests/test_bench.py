@@ -73,6 +73,20 @@ def test_direct_reuses_users_and_clears_leftovers(node: NodeProcess, tmp_path: P
 
 
 @sqlite_only
+def test_several_targets_and_source_addresses(node: NodeProcess, tmp_path: Path) -> None:
+    """Users spread round-robin over targets, and over 127.0.0.x sources past --per-source."""
+    out = tmp_path / "direct.json"
+    target = f"{node.host}:{node.port}"
+    proc = bench("direct", "--target", target, "--target", target, "--users", "4", "--per-source", "2",
+                 "--duration", "1", "--warmup", "0", "--json", str(out), "--quiet")
+    assert proc.returncode == 0, explain(proc)
+    result = json.loads(out.read_text())
+    assert result["targets"] == [target, target]
+    assert result["lost"] == 0 and result["received"] == result["sent_ok"] > 0
+    assert "from tcp:127.0.0.1:" in node.log_text and "from tcp:127.0.0.2:" in node.log_text
+
+
+@sqlite_only
 def test_idle_reports_memory_per_connection(node: NodeProcess, tmp_path: Path) -> None:
     out = tmp_path / "idle.json"
     proc = bench("idle", "--target", f"{node.host}:{node.port}", "--users", "50", "--server-pid", str(node.pid),
@@ -87,6 +101,22 @@ def test_idle_reports_memory_per_connection(node: NodeProcess, tmp_path: Path) -
     proc = bench("idle", "--target", f"{node.host}:{node.port}", "--users", "50", "--settle", "0.2", "--quiet")
     assert proc.returncode == 0, explain(proc)
     assert "50 of 50" in proc.stdout
+
+
+@sqlite_only
+def test_slow_users_ping_within_the_idle_timeout(start_node: Any, tmp_path: Path) -> None:
+    """Each user sends every ~4 s to a node that drops connections silent for 2 s: pings keep them."""
+    node = start_node("--rate-limit", "0", "--idle-timeout", "2")
+    out = tmp_path / "direct.json"
+    proc = bench("direct", "--target", f"{node.host}:{node.port}", "--users", "4", "--rate", "1",
+                 "--duration", "4", "--warmup", "0", "--ping-interval", "0.5", "--json", str(out), "--quiet")
+    assert proc.returncode == 0, explain(proc)
+    result = json.loads(out.read_text())
+    assert result["disconnects"] == 0 and result["errors"] == {} and result["lost"] == 0
+    proc = bench("idle", "--target", f"{node.host}:{node.port}", "--users", "10", "--settle", "0.5",
+                 "--hold", "3", "--ping-interval", "0.5", "--quiet")
+    assert proc.returncode == 0, explain(proc)
+    assert "still open at the end 10" in proc.stdout
 
 
 # ---------------------------------------------------------------------------- against a faulty fake node
@@ -230,7 +260,8 @@ def test_websocket_frames_split_across_reads() -> None:
 
 
 def test_source_addresses_spread_only_when_needed() -> None:
-    assert source_address(5, 1000, "127.0.0.1", 20000) is None
+    assert source_address(5, 20000, "127.0.0.1", 20000) is None
     assert source_address(5, 30000, "127.0.0.1", 20000) == "127.0.0.1"
     assert source_address(25000, 30000, "127.0.0.1", 20000) == "127.0.0.2"
+    assert source_address(25000, 30000, "localhost", 20000) == "127.0.0.2"
     assert source_address(25000, 30000, "10.1.2.3", 20000) is None

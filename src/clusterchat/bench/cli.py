@@ -40,8 +40,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     common.add_argument("--password", default="benchpass", help="password of every bench user")
     common.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="write the numbers here")
     common.add_argument("--per-source", type=int, default=20000,
-                        help="past 25,000 connections to a loopback target, use a new 127.0.0.x source address "
-                             "every this many (default %(default)s)")
+                        help="with more connections than this to a loopback target, use a new 127.0.0.x source "
+                             "address every this many (default %(default)s)")
     common.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     common.add_argument("--ping-interval", type=_positive, default=30.0,
                         help="ping a connection silent this long, to stay within the node's idle timeout "
@@ -67,6 +67,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     d.add_argument("--size", type=int, default=0, help="pad message texts to about this many characters")
     d.add_argument("--drain", type=float, default=5.0,
                    help="seconds to wait for outstanding replies and messages at the end (default %(default)s)")
+    d.add_argument("--ack-interval", type=_positive, default=0.05,
+                   help="receivers ack the highest seq this often (default %(default)s s)")
+    d.add_argument("--ack-every", type=int, default=100,
+                   help="... or at once when this many messages are unacknowledged (default %(default)s)")
     d.add_argument("--server-pid", dest="server_pids", type=int, action="append", default=[], metavar="PID",
                    help="a node's pid, to report its CPU use in the window (repeatable)")
     d.add_argument("--prefix", default="bench", help="user names are PREFIX0, PREFIX1, ... (default %(default)s)")
@@ -92,7 +96,7 @@ async def run_bench(args: argparse.Namespace) -> int:
             rate=args.rate, window=args.window, arrival=args.arrival, transport=args.transport, prefix=args.prefix,
             password=args.password, size=args.size, drain=args.drain, per_source=args.per_source,
             json_path=args.json_path, quiet=args.quiet, server_pids=args.server_pids,
-            ping_interval=args.ping_interval,
+            ping_interval=args.ping_interval, ack_interval=args.ack_interval, ack_every=args.ack_every,
         ))
     if args.scenario == "idle":
         from clusterchat.bench.idle import IdleOptions, run_idle

@@ -341,12 +341,14 @@ def parse_target(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def source_address(i: int, total: int, host: str, per_source: int, threshold: int = 25000) -> str | None:
+def source_address(i: int, total: int, host: str, per_source: int) -> str | None:
     """The local address for the i-th connection: 127.0.0.1, .2, ... every `per_source` connections.
 
-    Only for loopback targets and more than `threshold` connections; otherwise the kernel picks.
+    One source address has about 28,000 ephemeral ports towards one target; past `per_source`
+    connections to a loopback target each block of `per_source` gets its own address.
+    Otherwise (fewer, or a remote target) the kernel picks.
     """
-    if total <= threshold or per_source <= 0:
+    if per_source <= 0 or total <= per_source:
         return None
     try:
         if not ipaddress.ip_address(host).is_loopback:

@@ -50,8 +50,6 @@ from clusterchat.bench.stats import (
 
 perf_counter_ns = time.perf_counter_ns
 
-ACK_EVERY = 100  # ack at once when this many messages are unacknowledged
-ACK_PERIOD = 0.05  # otherwise ack what arrived every 50 ms
 SETUP_PARALLEL = 50
 CONNECT_PARALLEL = 200
 
@@ -75,6 +73,8 @@ class DirectOptions:
     quiet: bool = False
     server_pids: list[int] = field(default_factory=list)
     ping_interval: float = 30.0
+    ack_every: int = 100  # ack at once when this many messages are unacknowledged
+    ack_interval: float = 0.05  # otherwise ack what arrived every this many seconds
 
     @property
     def closed_loop(self) -> bool:
@@ -108,6 +108,8 @@ class DirectRun:
         self.ack_dirty: set[DirectUser] = set()
         self.pad = (" " + "x" * max(0, options.size - 40)) if options.size > 40 else ""
         self.users: list[DirectUser] = []
+        self.ack_every = max(1, options.ack_every)
+        self.acks = 0
 
 
 class DirectUser(BenchConn):
@@ -197,11 +199,12 @@ class DirectUser(BenchConn):
                 seq = f.seq or 0
                 if seq > self.max_seq:
                     self.max_seq = seq
-                if self.max_seq - self.acked_seq >= ACK_EVERY:
+                if self.max_seq - self.acked_seq >= run.ack_every:
                     if out is None:
                         out = []
                     out.append(b'{"op":"ack","seq":%d}' % self.max_seq)
                     self.acked_seq = self.max_seq
+                    run.acks += 1
                 else:
                     run.ack_dirty.add(self)
             elif ev == "error":
@@ -212,6 +215,7 @@ class DirectUser(BenchConn):
     def flush_ack(self) -> None:
         if self.max_seq > self.acked_seq and not self.closed:
             self.acked_seq = self.max_seq
+            self.run.acks += 1
             self.send_frame(b'{"op":"ack","seq":%d}' % self.max_seq)
 
     # ---- setup ----------------------------------------------------------------------
@@ -323,7 +327,7 @@ async def setup_users(run: DirectRun) -> list[DirectUser]:
 
 async def _ack_loop(run: DirectRun, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        await asyncio.sleep(ACK_PERIOD)
+        await asyncio.sleep(run.options.ack_interval)
         dirty = run.ack_dirty
         if dirty:
             run.ack_dirty = set()
@@ -360,7 +364,8 @@ async def _pacer(run: DirectRun, rate: float, poisson: bool) -> None:
         for u, frames in touched.items():
             u.send_frames(frames)
         touched.clear()
-        await asyncio.sleep(min(max((due - perf_counter_ns()) / 1e9, 0.0005), 0.01))
+        # Ticks of at least 1 ms: sends due within a tick go out together, stamped with their due time.
+        await asyncio.sleep(min(max((due - perf_counter_ns()) / 1e9, 0.001), 0.01))
 
 
 async def _progress(run: DirectRun, t_start: float, series: list[dict[str, Any]], stop: asyncio.Event,
@@ -498,7 +503,7 @@ async def _load(run: DirectRun, users: list[DirectUser], setup_s: float, cpu: Cp
         "received_in_window": len(window), "msgs_per_s": round(msgs_per_s, 1),
         "latency_ms": lat.as_dict(), "reply_latency_ms": reply.as_dict(),
         "errors": dict(run.errors), "lost": losses.lost, "duplicated": losses.duplicated,
-        "reordered": run.reordered, "stale": run.stale, "disconnects": run.disconnects,
+        "reordered": run.reordered, "stale": run.stale, "acks": run.acks, "disconnects": run.disconnects,
         "sent_ok_before_drain": ok_at_start, "cpu": cpu_use, "series": series,
     }
     rows = [
@@ -511,6 +516,8 @@ async def _load(run: DirectRun, users: list[DirectUser], setup_s: float, cpu: Cp
         ("msgs/s", f"{msgs_per_s:,.0f}  ({len(window)} received in the window)"),
         ("latency ms", lat.short() if lat.count else "-"),
         ("reply latency ms", reply.short() if reply.count else "-"),
+        ("acks", f"{run.acks} ({run.acks / max(losses.received, 1):.2f} a message; every {o.ack_interval:g} s "
+                 f"or {run.ack_every} messages)"),
         ("cpu", _cpu_text(cpu_use)),
         ("errors", run.errors.text()),
         ("lost", str(losses.lost)),

@@ -212,7 +212,7 @@ async def run_idle(o: IdleOptions) -> int:
         ("server RSS before", _kib(rss_base)),
         ("server RSS connected", _kib(rss_connected)),
         ("server RSS logged in", _kib(rss_logged_in) + (f" (after {o.hold:g} s: {_kib(rss_end)})" if o.hold else "")),
-        ("KiB/connection", "-" if per_conn is None else f"{per_conn:.1f} (TCP connected, not logged in)"),
+        ("KiB/connection", "-" if per_conn is None else f"{per_conn:.1f} (connected, not logged in)"),
         ("KiB/session", "-" if per_session is None else f"{per_session:.1f} (connected and logged in)"),
         ("bench KiB/conn", f"{own_per_conn:.1f} (this process)"),
     ]
