@@ -1,10 +1,11 @@
-"""`clusterchat bench`: against a real node, against a fake node that loses messages, and its accounting."""
+"""`clusterchat bench`: against a real node, the baseline router, a fake node that loses messages; its accounting."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,34 @@ def test_slow_users_ping_within_the_idle_timeout(start_node: Any, tmp_path: Path
                  "--hold", "3", "--ping-interval", "0.5", "--quiet")
     assert proc.returncode == 0, explain(proc)
     assert "still open at the end 10" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- against the baseline router
+
+
+def test_direct_runs_unchanged_against_the_baseline(tmp_path: Path) -> None:
+    """`bench baseline` speaks enough of the protocol for `bench direct`, twice with the same names."""
+    router = subprocess.Popen([sys.executable, "-m", "clusterchat", "bench", "baseline", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert router.stdout is not None and router.stderr is not None
+        line = router.stdout.readline()
+        assert line.startswith("clusterchat baseline listening on tcp://127.0.0.1:"), line + router.stderr.read()
+        target = line.strip().rsplit("/", 1)[1]
+        for _ in range(2):  # the second run finds the users registered and befriended
+            out = tmp_path / "direct.json"
+            proc = bench("direct", "--target", target, "--users", "20", "--duration", "2", "--warmup", "0.5",
+                         "--json", str(out), "--quiet")
+            assert proc.returncode == 0, explain(proc)
+            result = json.loads(out.read_text())
+            assert result["received"] == result["sent_ok"] == result["sent"] > 0
+            assert result["lost"] == 0 and result["duplicated"] == 0 and result["errors"] == {}
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(10) == 0, router.stderr.read()
+    finally:
+        if router.poll() is None:
+            router.kill()
+            router.wait()
 
 
 # ---------------------------------------------------------------------------- against a faulty fake node

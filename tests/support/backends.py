@@ -402,8 +402,11 @@ class PgServer:
 
 
 @contextlib.contextmanager
-def start_postgres(base_dir: Path) -> Iterator[PgServer]:
+def start_postgres(base_dir: Path, *, durable: bool = False) -> Iterator[PgServer]:
     """initdb + start a PostgreSQL server in ``base_dir`` on a free port.
+
+    Tests run it with fsync off (throw-away data); ``durable=True`` keeps PostgreSQL's
+    defaults, for benchmarks whose figures must include the cost of durable commits.
 
     As root, initdb and postgres run as the ``postgres`` OS user (postgres refuses to run as
     root). If that user cannot reach ``base_dir`` (pytest's temp root is mode 0700), the data
@@ -455,9 +458,10 @@ def start_postgres(base_dir: Path) -> Iterator[PgServer]:
                 "-c", f"listen_addresses={HOST}",
                 "-c", f"unix_socket_directories={socket_dir}",
                 "-c", "max_connections=200",
-                # Throw-away data: trade durability for speed.
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
                 "-c", "logging_collector=off",
+                # Throw-away data: trade durability for speed.
+                *([] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                      "-c", "full_page_writes=off"]),
             ]  # fmt: skip
 
         def ready(port: int) -> bool:

@@ -1,9 +1,9 @@
-"""Arguments of `clusterchat bench` and dispatch to its scenarios (direct, idle).
+"""Arguments of `clusterchat bench` and dispatch to its scenarios (direct, idle, baseline).
 
 This module owns only the command line: `add_bench_parser` adds the `bench` subcommand
 to the main parser, and `run_bench` turns the parsed arguments into a scenario's options
 and runs it (under the uvloop the main CLI starts). The scenarios live in `direct.py`
-and `idle.py`.
+and `idle.py`; `baseline.py` is the bare router the scenarios can be measured against.
 """
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     i.add_argument("--hold", type=float, default=0.0,
                    help="keep the connections idle this many seconds more (default %(default)s)")
 
+    b = scenarios.add_parser(
+        "baseline", help="a bare router to bench against: the machine's ceiling",
+        description="A router in the node's process model (asyncio + uvloop, a Protocol per connection, "
+                    "JSON lines) that forwards direct messages by `to`, with no auth and no storage. "
+                    "Run `bench direct` against it for the ceiling this machine allows. TCP only.")
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    b.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one (default %(default)s)")
+    b.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
 
 async def run_bench(args: argparse.Namespace) -> int:
     if args.scenario == "direct":
@@ -107,5 +116,9 @@ async def run_bench(args: argparse.Namespace) -> int:
             ping_interval=args.ping_interval, per_source=args.per_source, json_path=args.json_path,
             quiet=args.quiet,
         ))
+    if args.scenario == "baseline":
+        from clusterchat.bench.baseline import run_baseline
+
+        return await run_baseline(args.host, args.port)
     print(f"bench: unknown scenario {args.scenario}", file=sys.stderr)
     return 2
