@@ -8,21 +8,26 @@ with "database is locked") and a separate pool of readers; WAL lets them overlap
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from clusterchat.errors import register_unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A lost or refused database connection is "retry later", not a bug.
 register_unavailable(OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
@@ -81,11 +86,36 @@ class Database:
             event.listen(self.writer.sync_engine, "connect", _sqlite_writer_connect)
             event.listen(self.writer.sync_engine, "begin", _sqlite_begin_immediate)
             event.listen(self.reader.sync_engine, "connect", _sqlite_reader_connect)
+            # The message writer's transactions run whole in one thread, on the stdlib driver:
+            # through aiosqlite each of their ~10 statements would wait for a turn of a busy
+            # event loop before the next could start.
+            self._batch_engine: Engine | None = create_engine(
+                self.url.set(drivername="sqlite"), poolclass=QueuePool, pool_size=1, max_overflow=0,
+                connect_args={"timeout": 30, "check_same_thread": False},
+            )
+            event.listen(self._batch_engine, "connect", _sqlite_writer_connect)
+            event.listen(self._batch_engine, "begin", _sqlite_begin_immediate)
+            self._batch_thread: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="sqlite-batch")
         else:
             kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
                                       "pool_pre_ping": True, "pool_recycle": 1800}
             self.writer = create_async_engine(self.url, **kwargs)
             self.reader = self.writer
+            self._batch_engine = None
+            self._batch_thread = None
+
+    async def run_write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(connection, *args)` in one write transaction, committed when it returns."""
+        if self._batch_engine is not None and self._batch_thread is not None:
+            engine = self._batch_engine
+
+            def run() -> T:
+                with engine.begin() as conn:
+                    return fn(conn, *args)
+
+            return await asyncio.get_running_loop().run_in_executor(self._batch_thread, run)
+        async with self.writer.begin() as conn:
+            return await conn.run_sync(fn, *args)
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to run from several nodes at once."""
@@ -108,6 +138,9 @@ class Database:
         command.upgrade(config, "head")
 
     async def close(self) -> None:
+        if self._batch_engine is not None and self._batch_thread is not None:
+            self._batch_thread.submit(self._batch_engine.dispose).result()
+            self._batch_thread.shutdown()
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -96,9 +97,9 @@ class _Bulk:
             raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {order}")
         self.sql = str(compiled)
 
-    async def run(self, conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    def run(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         if rows:
-            await conn.exec_driver_sql(self.sql, rows)
+            conn.exec_driver_sql(self.sql, rows)
 
 
 def _compile_cmid_lookup(size: int, dialect: Any) -> str:
@@ -191,8 +192,7 @@ class MessageWriter:
         sends = [item for item in batch if isinstance(item, OutgoingMessage)]
         acks = [item for item in batch if isinstance(item, AckRequest)]
         try:
-            async with self._db.writer.begin() as conn:
-                await self._transaction(conn, sends, acks)
+            await self._db.run_write(self._transaction, sends, acks)
         except (DBAPIError, SQLAlchemyError, OSError) as exc:
             if as_chat_error(exc) is None and len(batch) > 1:
                 # Not an outage but one bad row: write each on its own so only it fails.
@@ -227,12 +227,12 @@ class MessageWriter:
             if not a.future.done():
                 a.future.set_result(None)
 
-    async def _transaction(self, conn: AsyncConnection, sends: list[OutgoingMessage],
+    def _transaction(self, conn: Connection, sends: list[OutgoingMessage],
                            acks: list[AckRequest]) -> None:
         ts = now_ms()
         for s in sends:
             s.stored = None
-        fresh, twins = await self._dedupe(conn, sends, ts)
+        fresh, twins = self._dedupe(conn, sends, ts)
 
         ack_seq: dict[int, int] = {}
         for a in acks:
@@ -241,7 +241,7 @@ class MessageWriter:
         lock_ids = sorted({r for s in fresh for r in s.recipients} | set(ack_seq))
         last_seq: dict[int, int] = {}
         for chunk in _chunks(lock_ids):
-            rows = await conn.execute(
+            rows = conn.execute(
                 select(inbox_state.c.user_id, inbox_state.c.last_seq)
                 .where(inbox_state.c.user_id.in_(chunk))
                 .order_by(inbox_state.c.user_id)
@@ -251,7 +251,7 @@ class MessageWriter:
         start = dict(last_seq)
 
         if fresh:
-            ids = await self._reserve_ids(conn, len(fresh))
+            ids = self._reserve_ids(conn, len(fresh))
             message_rows = []
             inbox_rows = []
             for s, message_id in zip(fresh, ids, strict=True):
@@ -269,32 +269,32 @@ class MessageWriter:
                     deliveries.append((user_id, seq))
                     inbox_rows.append((user_id, seq, message_id))
                 s.stored = StoredMessage(message_id, ts, deliveries)
-            await self._insert_message.run(conn, message_rows)
-            await self._insert_inbox.run(conn, inbox_rows)
-            await self._set_last_seq.run(conn, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
-            await self._insert_cmid.run(conn, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
+            self._insert_message.run(conn, message_rows)
+            self._insert_inbox.run(conn, inbox_rows)
+            self._set_last_seq.run(conn, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
+            self._insert_cmid.run(conn, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
                                                if s.cmid is not None and s.stored is not None])
             for twin, original in twins:
                 assert original.stored is not None
                 twin.stored = StoredMessage(original.stored.id, ts, [], duplicate=True)
 
         if ack_seq:
-            await self._set_acked.run(conn, [(min(seq, last_seq.get(u, 0)), u, min(seq, last_seq.get(u, 0)))
+            self._set_acked.run(conn, [(min(seq, last_seq.get(u, 0)), u, min(seq, last_seq.get(u, 0)))
                                              for u, seq in ack_seq.items()])
 
-    async def _reserve_ids(self, conn: AsyncConnection, n: int) -> list[int]:
+    def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
         """`n` message ids from the `message_id` counter, whose row stays locked until commit.
 
         Ids are handed out here rather than by autoincrement because INSERT … RETURNING
         in parameter order runs one statement per row on SQLite.
         """
         where = counters.c.name == "message_id"
-        await conn.execute(update(counters).where(where).values(value=counters.c.value + n))
-        last = (await conn.execute(select(counters.c.value).where(where))).scalar_one()
+        conn.execute(update(counters).where(where).values(value=counters.c.value + n))
+        last = (conn.execute(select(counters.c.value).where(where))).scalar_one()
         return list(range(last - n + 1, last + 1))
 
-    async def _dedupe(
-        self, conn: AsyncConnection, sends: list[OutgoingMessage], ts: int
+    def _dedupe(
+        self, conn: Connection, sends: list[OutgoingMessage], ts: int
     ) -> tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, OutgoingMessage]]]:
         """Resolve retried `cmid`s to their first message.
 
@@ -313,7 +313,7 @@ class MessageWriter:
         for chunk in _chunks(pairs, _CMID_BUCKETS[-1]):
             size = next(b for b in _CMID_BUCKETS if b >= len(chunk))
             padded = list(chunk) + [chunk[-1]] * (size - len(chunk))
-            rows = (await conn.exec_driver_sql(self._cmid_lookup[size], tuple(v for pair in padded for v in pair)))
+            rows = conn.exec_driver_sql(self._cmid_lookup[size], tuple(v for pair in padded for v in pair))
             rows = {tuple(row) for row in rows}  # padding repeats a pair
             for sender_id, cmid, message_id, row_ts in rows:
                 if row_ts > ts - CMID_WINDOW_MS:
@@ -321,7 +321,7 @@ class MessageWriter:
                 else:
                     expired.append((sender_id, cmid))
         for sender_id, cmid in expired:
-            await conn.execute(delete(message_cmids).where(
+            conn.execute(delete(message_cmids).where(
                 and_(message_cmids.c.sender_id == sender_id, message_cmids.c.cmid == cmid)
             ))
         fresh: list[OutgoingMessage] = []
