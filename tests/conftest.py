@@ -18,7 +18,7 @@ import itertools
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ from support.backends import (
     start_redis,
 )
 from support.node import NodeProcess
+from support.users import Chat
 
 DB_BACKENDS = ("sqlite", "mariadb", "postgresql")
 
@@ -138,3 +139,10 @@ def start_node(db_url: str, tmp_path: Path) -> Iterator[Callable[..., NodeProces
 def node(start_node: Callable[..., NodeProcess]) -> NodeProcess:
     """A node with default flags (rate limit off) on this test's database, per backend."""
     return start_node("--rate-limit", "0")
+
+
+@pytest.fixture
+async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
+    """Users on `node` (see support/users.py); every connection is closed after the test."""
+    async with Chat(node) as c:
+        yield c

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,12 +16,6 @@ from support.node import NodeProcess
 from support.users import PASSWORD, Chat, drain, make_friends, quiet
 
 LOGIN_FIELDS = {"op", "rid", "ok", "user", "token", "friends", "groups", "friend_requests", "offline", "more"}
-
-
-@pytest.fixture
-async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
-    async with Chat(node) as c:
-        yield c
 
 
 def now_ms() -> int:

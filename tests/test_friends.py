@@ -3,37 +3,9 @@ the friends list and presence, over real sockets on every database."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-from typing import Any
-
-import pytest
-
-from support.node import NodeProcess
-from support.users import Chat, make_friends, quiet
+from support.users import Chat, assert_error, by_id, close_to_now, make_friends, quiet
 
 MISSING_ID = 987_654_321
-
-
-@pytest.fixture
-async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
-    async with Chat(node) as c:
-        yield c
-
-
-def assert_error(reply: dict[str, Any], code: str, field: str | None = None) -> None:
-    assert reply["ok"] is False, reply
-    assert reply["error"]["code"] == code, reply
-    if field is not None:
-        assert field in reply["error"]["message"], reply
-
-
-def by_id(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(items, key=lambda item: item["id"])
-
-
-def close_to_now(ts: int) -> bool:
-    return abs(ts - time.time() * 1000) < 5000
 
 
 async def test_request_live_then_accept(chat: Chat) -> None:

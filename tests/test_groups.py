@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
-from support.node import NodeProcess
-from support.users import Chat, User, quiet
+from support.users import Chat, User, assert_error, by_id, quiet
 
 MISSING_ID = 987_654_321
 
 
-@pytest.fixture
-async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
-    async with Chat(node) as c:
-        yield c
-
-
-def assert_error(reply: dict[str, Any], code: str, field: str | None = None) -> None:
-    assert reply["ok"] is False, reply
-    assert reply["error"]["code"] == code, reply
-    if field is not None:
-        assert field in reply["error"]["message"], reply
-
-
 def member(user: User, role: str, online: bool = True) -> dict[str, Any]:
     return {"id": user.id, "name": user.name, "role": role, "online": online}
-
-
-def by_id(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(items, key=lambda item: item["id"])
 
 
 def normalized(group: dict[str, Any]) -> dict[str, Any]:

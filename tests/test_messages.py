@@ -6,36 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
-
 from clusterchat.client import ChatClient
-from support.node import NodeProcess
-from support.users import Chat, User, make_friends, quiet
+from support.users import Chat, User, assert_error, close_to_now, make_friends, quiet
 
 MISSING_ID = 987_654_321
 MESSAGE_FIELDS_DIRECT = {"event", "seq", "id", "from", "to", "text", "ts"}
 MESSAGE_FIELDS_GROUP = {"event", "seq", "id", "from", "group_id", "text", "ts"}
-
-
-@pytest.fixture
-async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
-    async with Chat(node) as c:
-        yield c
-
-
-def assert_error(reply: dict[str, Any], code: str, field: str | None = None) -> None:
-    assert reply["ok"] is False, reply
-    assert reply["error"]["code"] == code, reply
-    if field is not None:
-        assert field in reply["error"]["message"], reply
-
-
-def close_to_now(ts: int) -> bool:
-    return abs(ts - time.time() * 1000) < 5000
 
 
 async def pipeline(client: ChatClient, requests: list[dict[str, Any]], *,

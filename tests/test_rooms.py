@@ -3,30 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any
-
-import pytest
 
 from support.node import NodeProcess
-from support.users import Chat, quiet
-
-
-@pytest.fixture
-async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
-    async with Chat(node) as c:
-        yield c
-
-
-def assert_error(reply: dict[str, Any], code: str, field: str | None = None) -> None:
-    assert reply["ok"] is False, reply
-    assert reply["error"]["code"] == code, reply
-    if field is not None:
-        assert field in reply["error"]["message"], reply
-
-
-def by_id(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(items, key=lambda item: item["id"])
+from support.users import Chat, assert_error, by_id, quiet
 
 
 async def test_create_room_is_placed_on_this_node(chat: Chat, node: NodeProcess) -> None:

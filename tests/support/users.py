@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,3 +134,19 @@ async def make_friends(a: User, b: User) -> None:
 async def events_of(user: User, kind: str, count: int, within: float = 10) -> list[dict[str, Any]]:
     """The next `count` events of `kind` (others are skipped), each within `within` seconds."""
     return [await user.event(kind, within) for _ in range(count)]
+
+
+def assert_error(reply: dict[str, Any], code: str, field: str | None = None) -> None:
+    """`reply` failed with `code`, and its message names `field` when given."""
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == code, reply
+    if field is not None:
+        assert field in reply["error"]["message"], reply
+
+
+def by_id(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(items, key=lambda item: item["id"])
+
+
+def close_to_now(ts: int) -> bool:
+    return abs(ts - time.time() * 1000) < 5000

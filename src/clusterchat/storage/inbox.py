@@ -364,21 +364,16 @@ class MessageStore:
 
     async def unacked(self, user_id: int, limit: int) -> InboxPage:
         """The oldest `limit` messages not yet acknowledged (the `offline` of a login)."""
-        async with self._db.reader.connect() as conn:
-            state = (await conn.execute(
-                select(inbox_state.c.last_seq, inbox_state.c.acked_seq).where(inbox_state.c.user_id == user_id)
-            )).first()
-            acked, last = (state.acked_seq, state.last_seq) if state else (0, 0)
-            rows = await self._page(conn, user_id, acked, limit)
-        return InboxPage(rows[:limit], len(rows) > limit, last, acked)
+        return await self.since(user_id, None, limit)
 
-    async def since(self, user_id: int, after: int, limit: int) -> InboxPage:
+    async def since(self, user_id: int, after: int | None, limit: int) -> InboxPage:
+        """The messages with seq > `after` (> the acknowledged seq when None), oldest first."""
         async with self._db.reader.connect() as conn:
             state = (await conn.execute(
                 select(inbox_state.c.last_seq, inbox_state.c.acked_seq).where(inbox_state.c.user_id == user_id)
             )).first()
             acked, last = (state.acked_seq, state.last_seq) if state else (0, 0)
-            rows = await self._page(conn, user_id, after, limit)
+            rows = await self._page(conn, user_id, acked if after is None else after, limit)
         return InboxPage(rows[:limit], len(rows) > limit, last, acked)
 
     async def _page(self, conn: AsyncConnection, user_id: int, after: int, limit: int) -> list[InboxMessage]:
