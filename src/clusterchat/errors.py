@@ -47,32 +47,94 @@ class ChatError(Exception):
         return {"code": self.code.value, "message": self.message, **self.extra}
 
 
-def _error(code: ErrorCode, default: str) -> type[ChatError]:
-    return type(
-        "".join(part.title() for part in code.value.split("_")) + "Error",
-        (ChatError,),
-        {"code": code, "default_message": default},
-    )
+class BadJson(ChatError):
+    code = ErrorCode.BAD_JSON
+    default_message = "the frame is not a JSON object"
 
 
-BadJson = _error(ErrorCode.BAD_JSON, "the frame is not a JSON object")
-FrameTooLarge = _error(ErrorCode.FRAME_TOO_LARGE, "the frame is too large")
-BadRequest = _error(ErrorCode.BAD_REQUEST, "bad request")
-UnknownOp = _error(ErrorCode.UNKNOWN_OP, "no such op")
-NotLoggedIn = _error(ErrorCode.NOT_LOGGED_IN, "log in first")
-BadCredentials = _error(ErrorCode.BAD_CREDENTIALS, "wrong name, password or token")
-AlreadyLoggedIn = _error(ErrorCode.ALREADY_LOGGED_IN, "already logged in")
-NameTaken = _error(ErrorCode.NAME_TAKEN, "that name is taken")
-NoSuchUser = _error(ErrorCode.NO_SUCH_USER, "no such user")
-NoSuchGroup = _error(ErrorCode.NO_SUCH_GROUP, "no such group")
-NoSuchRoom = _error(ErrorCode.NO_SUCH_ROOM, "no such room")
-NotMember = _error(ErrorCode.NOT_MEMBER, "you are not a member")
-NotFriends = _error(ErrorCode.NOT_FRIENDS, "that user is not your friend")
-AlreadyFriends = _error(ErrorCode.ALREADY_FRIENDS, "you are already friends")
-WrongNode = _error(ErrorCode.WRONG_NODE, "that room lives on another node")
-RateLimited = _error(ErrorCode.RATE_LIMITED, "too many requests; slow down")
-Unavailable = _error(ErrorCode.UNAVAILABLE, "a backend is unavailable; nothing was changed, retry later")
-Internal = _error(ErrorCode.INTERNAL, "internal error")
+class FrameTooLarge(ChatError):
+    code = ErrorCode.FRAME_TOO_LARGE
+    default_message = "the frame is too large"
+
+
+class BadRequest(ChatError):
+    code = ErrorCode.BAD_REQUEST
+    default_message = "bad request"
+
+
+class UnknownOp(ChatError):
+    code = ErrorCode.UNKNOWN_OP
+    default_message = "no such op"
+
+
+class NotLoggedIn(ChatError):
+    code = ErrorCode.NOT_LOGGED_IN
+    default_message = "log in first"
+
+
+class BadCredentials(ChatError):
+    code = ErrorCode.BAD_CREDENTIALS
+    default_message = "wrong name, password or token"
+
+
+class AlreadyLoggedIn(ChatError):
+    code = ErrorCode.ALREADY_LOGGED_IN
+    default_message = "already logged in"
+
+
+class NameTaken(ChatError):
+    code = ErrorCode.NAME_TAKEN
+    default_message = "that name is taken"
+
+
+class NoSuchUser(ChatError):
+    code = ErrorCode.NO_SUCH_USER
+    default_message = "no such user"
+
+
+class NoSuchGroup(ChatError):
+    code = ErrorCode.NO_SUCH_GROUP
+    default_message = "no such group"
+
+
+class NoSuchRoom(ChatError):
+    code = ErrorCode.NO_SUCH_ROOM
+    default_message = "no such room"
+
+
+class NotMember(ChatError):
+    code = ErrorCode.NOT_MEMBER
+    default_message = "you are not a member"
+
+
+class NotFriends(ChatError):
+    code = ErrorCode.NOT_FRIENDS
+    default_message = "that user is not your friend"
+
+
+class AlreadyFriends(ChatError):
+    code = ErrorCode.ALREADY_FRIENDS
+    default_message = "you are already friends"
+
+
+class WrongNode(ChatError):
+    code = ErrorCode.WRONG_NODE
+    default_message = "that room lives on another node"
+
+
+class RateLimited(ChatError):
+    code = ErrorCode.RATE_LIMITED
+    default_message = "too many requests; slow down"
+
+
+class Unavailable(ChatError):
+    code = ErrorCode.UNAVAILABLE
+    default_message = "a backend is unavailable; nothing was changed, retry later"
+
+
+class Internal(ChatError):
+    code = ErrorCode.INTERNAL
+    default_message = "internal error"
 
 
 # Backends register the exception types that mean "cannot be reached now" (a lost

@@ -19,7 +19,7 @@ import asyncio
 import enum
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from clusterchat.errors import ChatError, FrameTooLarge, NotLoggedIn, RateLimited, as_chat_error, error_body
@@ -38,7 +38,8 @@ MAX_PENDING_EVENTS = 4096  # message events held while the cursor catches up
 class Outlet(Protocol):
     """What a transport offers a session."""
 
-    peer: str
+    @property
+    def peer(self) -> str: ...
 
     def write(self, data: bytes) -> None: ...
     def buffered(self) -> int: ...
@@ -111,7 +112,7 @@ class Session:
 
     # ---- input ---------------------------------------------------------------
 
-    def on_frames(self, frames: list[bytes] | list[str]) -> None:
+    def on_frames(self, frames: Sequence[bytes | str]) -> None:
         if self.closed:
             return
         self.last_frame = self.node.loop.time()
@@ -168,7 +169,7 @@ class Session:
             self.outlet.resume_reading()
 
     def _start(self, request: Request) -> None:
-        op = request.__struct_config__.tag
+        op = str(request.__struct_config__.tag)
         rid = request.rid
         slot = _Slot()
         if not self._take_token():

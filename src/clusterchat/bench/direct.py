@@ -460,10 +460,19 @@ async def _load(run: DirectRun, users: list[DirectUser], setup_s: float, cpu: Cp
         marks[name] = time.perf_counter()
         action()
 
-    loop.call_later(o.warmup, mark, "window_start", lambda: (run.latency.start_window(),
-                                                              run.reply_latency.start_window(), cpu.start()))
+    def open_window() -> None:
+        run.latency.start_window()
+        run.reply_latency.start_window()
+        cpu.start()
+
+    def close_window() -> None:
+        run.latency.end_window()
+        run.reply_latency.end_window()
+        cpu.stop()
+
+    loop.call_later(o.warmup, mark, "window_start", open_window)
     await asyncio.sleep(o.warmup + o.duration)
-    mark("window_end", lambda: (run.latency.end_window(), run.reply_latency.end_window(), cpu.stop()))
+    mark("window_end", close_window)
     ok_at_start = run.ok
     run.sending = False
 

@@ -39,7 +39,7 @@ class LineSplitter:
             self._buf = b""
         lines = data.split(b"\n")
         tail = lines.pop()
-        frames = []
+        frames: list[bytes] = []
         limit = self._max
         for line in lines:
             if line.endswith(b"\r"):

@@ -313,9 +313,9 @@ class MessageWriter:
         for chunk in _chunks(pairs, _CMID_BUCKETS[-1]):
             size = next(b for b in _CMID_BUCKETS if b >= len(chunk))
             padded = list(chunk) + [chunk[-1]] * (size - len(chunk))
-            rows = conn.exec_driver_sql(self._cmid_lookup[size], tuple(v for pair in padded for v in pair))
-            rows = {tuple(row) for row in rows}  # padding repeats a pair
-            for sender_id, cmid, message_id, row_ts in rows:
+            result = conn.exec_driver_sql(self._cmid_lookup[size], tuple(v for pair in padded for v in pair))
+            found = {tuple(row) for row in result}  # padding repeats a pair
+            for sender_id, cmid, message_id, row_ts in found:
                 if row_ts > ts - CMID_WINDOW_MS:
                     known[(sender_id, cmid)] = (message_id, row_ts)
                 else:

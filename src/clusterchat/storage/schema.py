@@ -7,6 +7,8 @@ that it autoincrements), timestamps are milliseconds since the epoch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
 from sqlalchemy.dialects import mysql
 
@@ -17,7 +19,7 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 NameType = String(32).with_variant(mysql.VARCHAR(32, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
 CmidType = String(64).with_variant(mysql.VARCHAR(64, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
 Text256 = String(256).with_variant(mysql.VARCHAR(256, charset="utf8mb4"), "mysql", "mariadb")
-MYSQL = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
+MYSQL: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin", "mysql_engine": "InnoDB"}
 
 users = Table(
     "users",

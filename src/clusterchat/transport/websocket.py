@@ -104,7 +104,7 @@ async def start_websocket(node: ChatNode, host: str, port: int) -> Server:
                     break
                 if not message.strip():
                     continue  # blank messages are ignored, like blank lines on TCP
-                session.on_frames([message])  # type: ignore[list-item]
+                session.on_frames([message])
                 if session.closed:
                     break
         except ConnectionClosed:
