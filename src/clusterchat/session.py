@@ -364,10 +364,9 @@ class Session:
                     await self.outlet.drain()
                 if self.closed or self._epoch != epoch:
                     return
-        except ChatError:
-            log.warning("catch-up for user %d failed; the client will get the rest by sync or login", user_id)
-        except Exception:
-            log.exception("catch-up for user %d failed", user_id)
+        except Exception as exc:
+            # The client still gets what it missed, by sync or at its next login.
+            _log_failure(f"catch-up for user {user_id}", exc)
         if self.closed or self._epoch != epoch:
             return
         self._cursor = CursorState.LIVE

@@ -45,7 +45,36 @@ def frame(**fields: Any) -> bytes:
 # --------------------------------------------------------------------------- raw TCP
 
 
-class Raw:
+class _FrameConnection:
+    """What the raw connections share: a request is one frame out, then the next reply in."""
+
+    async def read(self, within: float = 10) -> dict[str, Any]:
+        """The next frame; raises EOFError when the node closed the connection."""
+        raise NotImplementedError
+
+    async def send_request(self, fields: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def request(self, within: float = 10, **fields: Any) -> dict[str, Any]:
+        """Send one request and return the next frame that is not an event."""
+        await self.send_request(fields)
+        while True:
+            msg = await self.read(within)
+            if "event" not in msg:
+                return msg
+
+    async def read_until_closed(self, within: float) -> list[dict[str, Any]]:
+        """Every frame until EOF; fails (TimeoutError) if the node keeps it open past `within` seconds."""
+        frames: list[dict[str, Any]] = []
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                frames.append(await self.read(max(0.01, deadline - time.monotonic())))
+            except (EOFError, ConnectionResetError):
+                return frames
+
+
+class Raw(_FrameConnection):
     """A bare TCP connection: write any bytes, read the node's frames one by one."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -69,13 +98,8 @@ class Raw:
         self.writer.write(data)
         await self.writer.drain()
 
-    async def request(self, within: float = 10, **fields: Any) -> dict[str, Any]:
-        """Send one request and return the next frame that is not an event."""
+    async def send_request(self, fields: dict[str, Any]) -> None:
         await self.send(frame(**fields))
-        while True:
-            msg = await self.read(within)
-            if "event" not in msg:
-                return msg
 
     async def read(self, within: float = 10) -> dict[str, Any]:
         """The next frame; raises EOFError when the node closed the connection."""
@@ -86,16 +110,6 @@ class Raw:
             if line.strip():
                 msg: dict[str, Any] = json.loads(line)
                 return msg
-
-    async def read_until_closed(self, within: float) -> list[dict[str, Any]]:
-        """Every frame until EOF; fails (TimeoutError) if the node keeps it open past `within` seconds."""
-        frames: list[dict[str, Any]] = []
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                frames.append(await self.read(max(0.01, deadline - time.monotonic())))
-            except (EOFError, ConnectionResetError):
-                return frames
 
     async def quiet(self, seconds: float) -> list[dict[str, Any]]:
         """Frames that arrive within `seconds` (the connection must stay open)."""
@@ -128,7 +142,7 @@ class Raw:
             await self.writer.wait_closed()
 
 
-class BareSocket:
+class BareSocket(_FrameConnection):
     """A TCP socket the event loop never reads on its own: data is only read when asked.
 
     Unlike `Raw` (whose StreamReader pulls everything the node sends into memory), this is
@@ -152,6 +166,9 @@ class BareSocket:
     async def send(self, data: bytes) -> None:
         await self._loop.sock_sendall(self.sock, data)
 
+    async def send_request(self, fields: dict[str, Any]) -> None:
+        await self.send(frame(**fields))
+
     async def read(self, within: float = 10) -> dict[str, Any]:
         deadline = time.monotonic() + within
         while b"\n" not in self._buf:
@@ -164,22 +181,6 @@ class BareSocket:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
-    async def request(self, within: float = 10, **fields: Any) -> dict[str, Any]:
-        await self.send(frame(**fields))
-        while True:
-            msg = await self.read(within)
-            if "event" not in msg:
-                return msg
-
-    async def read_until_closed(self, within: float) -> list[dict[str, Any]]:
-        frames: list[dict[str, Any]] = []
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                frames.append(await self.read(max(0.01, deadline - time.monotonic())))
-            except (EOFError, ConnectionResetError):
-                return frames
-
     async def close(self) -> None:
         self.sock.close()
 
@@ -187,7 +188,7 @@ class BareSocket:
 # --------------------------------------------------------------------------- raw WebSocket
 
 
-class RawWs:
+class RawWs(_FrameConnection):
     """A bare WebSocket connection to /ws."""
 
     def __init__(self, ws: ClientConnection) -> None:
@@ -205,6 +206,9 @@ class RawWs:
     async def send_binary(self, data: bytes) -> None:
         await self.ws.send(data, text=False)
 
+    async def send_request(self, fields: dict[str, Any]) -> None:
+        await self.send_text(json.dumps(fields))
+
     async def read(self, within: float = 10) -> dict[str, Any]:
         """The next message as JSON; raises EOFError when the node closed the connection."""
         try:
@@ -213,22 +217,6 @@ class RawWs:
             raise EOFError("the node closed the connection") from exc
         msg: dict[str, Any] = json.loads(message)
         return msg
-
-    async def request(self, within: float = 10, **fields: Any) -> dict[str, Any]:
-        await self.send_text(json.dumps(fields))
-        while True:
-            msg = await self.read(within)
-            if "event" not in msg:
-                return msg
-
-    async def read_until_closed(self, within: float) -> list[dict[str, Any]]:
-        frames: list[dict[str, Any]] = []
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                frames.append(await self.read(max(0.01, deadline - time.monotonic())))
-            except EOFError:
-                return frames
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -14,13 +14,18 @@ from typing import Any, Union
 import msgspec
 
 from clusterchat.errors import BadJson, BadRequest, ChatError, UnknownOp
-from clusterchat.protocol.requests import ALL_REQUESTS, OPS, Request
+from clusterchat.protocol.requests import ALL_REQUESTS, NAME_PATTERN, NO_NUL_PATTERN, OPS, Request
 
 _decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(Union[ALL_REQUESTS])  # noqa: UP007
 _generic = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
 
+# msgspec names a failed pattern by its regex; a person gets a sentence instead.
+_PATTERN_SENTENCES = {
+    NAME_PATTERN: "expected 1 to 32 characters with no whitespace or control characters",
+    NO_NUL_PATTERN: "must not contain the NUL character",
+}
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
@@ -80,12 +85,11 @@ def _field_message(text: str) -> str:
         return "field " + text.removeprefix("Object missing required field ") + " is missing"
     else:
         field, detail = "request", text
+    for pattern, sentence in _PATTERN_SENTENCES.items():
+        if f"matching regex {pattern!r}" in detail:
+            detail = sentence
+            break
     detail = detail.replace("`", "")
-    if "matching regex" in detail:
-        if "x00]*" in detail:
-            detail = "must not contain the NUL character"
-        else:
-            detail = "expected 1 to 32 characters with no whitespace or control characters"
     return f"field `{field}`: {detail[:1].lower()}{detail[1:]}"
 
 

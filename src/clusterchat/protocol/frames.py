@@ -7,7 +7,7 @@ from clusterchat.errors import FrameTooLarge
 DEFAULT_MAX_FRAME = 65536
 
 
-class FrameOverflow(FrameTooLarge):  # type: ignore[misc,valid-type]
+class FrameOverflow(FrameTooLarge):
     """A frame over the limit; `frames` are the whole frames read before it, still to serve."""
 
     def __init__(self, message: str, frames: list[bytes]) -> None:

@@ -13,11 +13,13 @@ import msgspec
 MAX_ID = 2**53
 
 Rid = str | int | None
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[^\s\x00-\x1f\x7f-\x9f]+\Z")]
-Password = Annotated[str, msgspec.Meta(min_length=6, max_length=128)]
+NAME_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+\Z"
 # NUL is refused in stored text: PostgreSQL cannot store it, and no chat text needs it.
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00]*\Z")]
-Note = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[^\x00]*\Z")]
+NO_NUL_PATTERN = r"^[^\x00]*\Z"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=NAME_PATTERN)]
+Password = Annotated[str, msgspec.Meta(min_length=6, max_length=128)]
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL_PATTERN)]
+Note = Annotated[str, msgspec.Meta(max_length=256, pattern=NO_NUL_PATTERN)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Cmid = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Id = Annotated[int, msgspec.Meta(ge=1, lt=MAX_ID)]

@@ -92,14 +92,19 @@ class _Bulk:
     """
 
     def __init__(self, statement: Any, dialect: Any, order: tuple[str, ...]) -> None:
-        compiled = statement.compile(dialect=dialect)
-        if tuple(compiled.positiontup or ()) != order:
-            raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {order}")
-        self.sql = str(compiled)
+        self.sql = _compile(statement, dialect, order)
 
     def run(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         if rows:
             conn.exec_driver_sql(self.sql, rows)
+
+
+def _compile(statement: Any, dialect: Any, order: tuple[str, ...]) -> str:
+    """`statement` as the driver's SQL, checked to take its parameters in `order`."""
+    compiled = statement.compile(dialect=dialect)
+    if tuple(compiled.positiontup or ()) != order:
+        raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {order}")
+    return str(compiled)
 
 
 def _compile_cmid_lookup(size: int, dialect: Any) -> str:
@@ -107,11 +112,7 @@ def _compile_cmid_lookup(size: int, dialect: Any) -> str:
     query = select(c.sender_id, c.cmid, c.message_id, c.ts).where(
         or_(*(and_(c.sender_id == bindparam(f"s{i}"), c.cmid == bindparam(f"c{i}")) for i in range(size)))
     )
-    compiled = query.compile(dialect=dialect)
-    expected = tuple(name for i in range(size) for name in (f"s{i}", f"c{i}"))
-    if tuple(compiled.positiontup or ()) != expected:
-        raise RuntimeError("unexpected parameter order in the cmid lookup")
-    return str(compiled)
+    return _compile(query, dialect, tuple(name for i in range(size) for name in (f"s{i}", f"c{i}")))
 
 
 class MessageWriter:
@@ -227,8 +228,7 @@ class MessageWriter:
             if not a.future.done():
                 a.future.set_result(None)
 
-    def _transaction(self, conn: Connection, sends: list[OutgoingMessage],
-                           acks: list[AckRequest]) -> None:
+    def _transaction(self, conn: Connection, sends: list[OutgoingMessage], acks: list[AckRequest]) -> None:
         ts = now_ms()
         for s in sends:
             s.stored = None
@@ -273,14 +273,15 @@ class MessageWriter:
             self._insert_inbox.run(conn, inbox_rows)
             self._set_last_seq.run(conn, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
             self._insert_cmid.run(conn, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
-                                               if s.cmid is not None and s.stored is not None])
+                                         if s.cmid is not None and s.stored is not None])
             for twin, original in twins:
                 assert original.stored is not None
                 twin.stored = StoredMessage(original.stored.id, ts, [], duplicate=True)
 
         if ack_seq:
-            self._set_acked.run(conn, [(min(seq, last_seq.get(u, 0)), u, min(seq, last_seq.get(u, 0)))
-                                             for u, seq in ack_seq.items()])
+            # Never past the last seq handed out: an ack of the future acknowledges nothing.
+            acked = [(u, min(seq, last_seq.get(u, 0))) for u, seq in ack_seq.items()]
+            self._set_acked.run(conn, [(seq, u, seq) for u, seq in acked])
 
     def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
         """`n` message ids from the `message_id` counter, whose row stays locked until commit.
