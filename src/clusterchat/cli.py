@@ -79,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_bench_parser(sub)
 
+    client_p = sub.add_parser("client", help="the interactive terminal client")
+    client_p.add_argument("--host", default="127.0.0.1", help="the node's address (default %(default)s)")
+    client_p.add_argument("--port", type=int, default=7000, help="the node's TCP port (default %(default)s)")
+    client_p.add_argument("--ws", action="store_true", help="connect over WebSocket: --port is then the ws port")
+    client_p.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
     args = parser.parse_args(argv)
     _logging(args.log_level)
     if args.command == "serve":
@@ -91,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from clusterchat.bench.cli import run_bench
 
         return _run(run_bench(args))
+    if args.command == "client":
+        from clusterchat.terminal.app import run_terminal
+
+        try:
+            return _run(run_terminal(args.host, args.port, websocket=args.ws))
+        except KeyboardInterrupt:
+            return 130
     parser.error(f"unknown command {args.command}")
     return 2
 
