@@ -1,9 +1,10 @@
-"""Arguments of `clusterchat bench` and dispatch to its scenarios (direct, idle, baseline).
+"""Arguments of `clusterchat bench` and dispatch to its scenarios (direct, group, login, idle, baseline).
 
 This module owns only the command line: `add_bench_parser` adds the `bench` subcommand
 to the main parser, and `run_bench` turns the parsed arguments into a scenario's options
-and runs it (under the uvloop the main CLI starts). The scenarios live in `direct.py`
-and `idle.py`; `baseline.py` is the bare router the scenarios can be measured against.
+and runs it (under the uvloop the main CLI starts). The scenarios live in `direct.py`,
+`group.py` (both on `traffic.py`), `login.py` and `idle.py`; `baseline.py` is the bare
+router the scenarios can be measured against.
 """
 
 from __future__ import annotations
@@ -48,32 +49,66 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                              "(default %(default)s)")
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    d = scenarios.add_parser(
-        "direct", parents=[common], help="friend pairs sending direct messages",
+    # direct, group and login: timed runs against one or several nodes.
+    targets = argparse.ArgumentParser(add_help=False)
+    targets.add_argument("--target", dest="targets", action="append", type=_target, required=True,
+                         metavar="HOST:PORT", help="a node; repeat for several (users are spread round-robin)")
+    targets.add_argument("--server-pid", dest="server_pids", type=int, action="append", default=[], metavar="PID",
+                         help="a node's pid, to report its CPU use in the window (repeatable)")
+    targets.add_argument("--plot", dest="plot_path", default=None, metavar="FILE.png",
+                         help="draw latency percentiles over time and a latency histogram here (needs matplotlib)")
+    targets.add_argument("--duration", type=_positive, default=10.0,
+                         help="seconds measured, after the warmup (default %(default)s)")
+    targets.add_argument("--warmup", type=float, default=2.0,
+                         help="seconds of load before measuring (default %(default)s)")
+    targets.add_argument("--drain", type=float, default=5.0,
+                         help="seconds to wait for what is outstanding at the end (default %(default)s)")
+    targets.add_argument("--rate", type=_positive, default=None,
+                         help="open loop: this many messages (login: logins) a second in total, each timed from "
+                              "when it was due; without it, closed loop")
+
+    # direct and group: users sending messages.
+    traffic = argparse.ArgumentParser(add_help=False)
+    traffic.add_argument("--window", type=int, default=1,
+                         help="closed loop: sends each user keeps outstanding (default %(default)s)")
+    traffic.add_argument("--arrival", choices=["uniform", "poisson"], default="uniform",
+                         help="open loop: evenly paced or Poisson arrivals (default %(default)s)")
+    traffic.add_argument("--size", type=int, default=0, help="pad message texts to about this many characters")
+    traffic.add_argument("--ack-interval", type=_positive, default=0.05,
+                         help="receivers ack the highest seq this often (default %(default)s s)")
+    traffic.add_argument("--ack-every", type=int, default=100,
+                         help="... or at once when this many messages are unacknowledged (default %(default)s)")
+    traffic.add_argument("--prefix", default="bench",
+                         help="user names are PREFIX0, PREFIX1, ... (default %(default)s)")
+
+    scenarios.add_parser(
+        "direct", parents=[common, targets, traffic], help="friend pairs sending direct messages",
         description="N users in N/2 friend pairs send each other direct messages; reports msgs/s, "
                     "send-to-receive latency, errors, lost and duplicated messages. Exits 3 on any loss, "
                     "4 when a connection dropped.")
-    d.add_argument("--target", dest="targets", action="append", type=_target, required=True, metavar="HOST:PORT",
-                   help="a node; repeat for several (users are spread round-robin)")
-    d.add_argument("--duration", type=_positive, default=10.0,
-                   help="seconds measured, after the warmup (default %(default)s)")
-    d.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring (default %(default)s)")
-    d.add_argument("--rate", type=_positive, default=None,
-                   help="open loop: this many messages a second in total; without it, closed loop")
-    d.add_argument("--window", type=int, default=1,
-                   help="closed loop: sends each user keeps outstanding (default %(default)s)")
-    d.add_argument("--arrival", choices=["uniform", "poisson"], default="uniform",
-                   help="open loop: evenly paced or Poisson arrivals (default %(default)s)")
-    d.add_argument("--size", type=int, default=0, help="pad message texts to about this many characters")
-    d.add_argument("--drain", type=float, default=5.0,
-                   help="seconds to wait for outstanding replies and messages at the end (default %(default)s)")
-    d.add_argument("--ack-interval", type=_positive, default=0.05,
-                   help="receivers ack the highest seq this often (default %(default)s s)")
-    d.add_argument("--ack-every", type=int, default=100,
-                   help="... or at once when this many messages are unacknowledged (default %(default)s)")
-    d.add_argument("--server-pid", dest="server_pids", type=int, action="append", default=[], metavar="PID",
-                   help="a node's pid, to report its CPU use in the window (repeatable)")
-    d.add_argument("--prefix", default="bench", help="user names are PREFIX0, PREFIX1, ... (default %(default)s)")
+
+    g = scenarios.add_parser(
+        "group", parents=[common, targets, traffic], help="fan-out: groups whose members all send to the group",
+        description="N users in N/SIZE groups; every member sends group messages, which reach every other "
+                    "member. Reports messages and deliveries a second, send-to-receive latency per delivery, "
+                    "errors, lost and duplicated deliveries. --rate counts messages, not deliveries. Exits 3 on "
+                    "any loss, 4 when a connection dropped.")
+    g.add_argument("--group-size", type=int, default=10,
+                   help="members of each group; --users must be a multiple of it (default %(default)s)")
+
+    lg = scenarios.add_parser(
+        "login", parents=[common, targets], help="logins a second and login latency",
+        description="Registers N users, then --concurrency connections log in over and over (logging out, or "
+                    "with --reconnect closing the connection, after each login) for --duration seconds. Reports "
+                    "logins a second, login latency and errors by code; exits 1 on any error. Start the node "
+                    "with --rate-limit 0.")
+    lg.add_argument("--concurrency", type=int, default=10,
+                    help="connections logging in at once; at most --users (default %(default)s)")
+    lg.add_argument("--reconnect", action="store_true",
+                    help="a new connection for every login, instead of logout and login on the same one")
+    lg.add_argument("--timeout", type=_positive, default=30.0,
+                    help="seconds to wait for a reply before counting a timeout (default %(default)s)")
+    lg.add_argument("--prefix", default="login", help="user names are PREFIX0, PREFIX1, ... (default %(default)s)")
 
     i = scenarios.add_parser(
         "idle", parents=[common], help="many idle logged-in connections: server memory per connection",
@@ -97,15 +132,30 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 async def run_bench(args: argparse.Namespace) -> int:
-    if args.scenario == "direct":
-        from clusterchat.bench.direct import DirectOptions, run_direct
-
-        return await run_direct(DirectOptions(
+    if args.scenario in ("direct", "group"):
+        traffic = dict(
             targets=args.targets, users=args.users, duration=args.duration, warmup=max(0.0, args.warmup),
             rate=args.rate, window=args.window, arrival=args.arrival, transport=args.transport, prefix=args.prefix,
             password=args.password, size=args.size, drain=args.drain, per_source=args.per_source,
-            json_path=args.json_path, quiet=args.quiet, server_pids=args.server_pids,
+            json_path=args.json_path, plot_path=args.plot_path, quiet=args.quiet, server_pids=args.server_pids,
             ping_interval=args.ping_interval, ack_interval=args.ack_interval, ack_every=args.ack_every,
+        )
+        if args.scenario == "direct":
+            from clusterchat.bench.direct import DirectOptions, run_direct
+
+            return await run_direct(DirectOptions(**traffic))
+        from clusterchat.bench.group import GroupOptions, run_group
+
+        return await run_group(GroupOptions(**traffic, group_size=args.group_size))
+    if args.scenario == "login":
+        from clusterchat.bench.login import LoginOptions, run_login
+
+        return await run_login(LoginOptions(
+            targets=args.targets, users=args.users, duration=args.duration, warmup=max(0.0, args.warmup),
+            concurrency=args.concurrency, rate=args.rate, reconnect=args.reconnect, transport=args.transport,
+            prefix=args.prefix, password=args.password, timeout=args.timeout, drain=args.drain,
+            per_source=args.per_source, json_path=args.json_path, plot_path=args.plot_path, quiet=args.quiet,
+            server_pids=args.server_pids, ping_interval=args.ping_interval,
         ))
     if args.scenario == "idle":
         from clusterchat.bench.idle import IdleOptions, run_idle

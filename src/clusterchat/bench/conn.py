@@ -27,7 +27,7 @@ import itertools
 import os
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -381,6 +381,42 @@ async def gather_limited(coros: Sequence[Any], limit: int) -> list[Any]:
     return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
 
 
+async def register_names(targets: Sequence[tuple[str, int]], names: Sequence[str], password: str, *,
+                         websocket: bool = False, pool: int = 50, warm_login: bool = True) -> tuple[int, int]:
+    """Register `names` over a small pool of connections spread over `targets`; (new, already there).
+
+    With `warm_login`, each pool connection then logs one of them in before it closes, so
+    the node's one-time costs of a first login (statement caches, hashing threads) are
+    paid before anything is measured.
+    """
+    pool_size = max(1, min(pool, len(names)))
+    created = existing = 0
+
+    async def worker(k: int) -> None:
+        nonlocal created, existing
+        host, port = targets[k % len(targets)]
+        conn = await connect(lambda: BenchConn(k, websocket), host, port, websocket=websocket)
+        try:
+            for name in names[k::pool_size]:
+                reply = await conn.raw_request("register", name=name, password=password)
+                if reply.get("ok"):
+                    created += 1
+                elif (reply.get("error") or {}).get("code") == "name_taken":
+                    existing += 1
+                else:
+                    raise RequestFailed("register", reply)
+            if warm_login:
+                await conn.request("login", name=names[k], password=password)
+        finally:
+            await conn.aclose()
+
+    results = await asyncio.gather(*(worker(k) for k in range(pool_size)), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return created, existing
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -395,10 +431,11 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-async def keepalive(conns: Sequence[BenchConn], interval: float = 30.0, stop: asyncio.Event | None = None) -> None:
+async def keepalive(conns: Collection[BenchConn], interval: float = 30.0,
+                    stop: asyncio.Event | None = None) -> None:
     """Ping every connection that wrote nothing for `interval` seconds (checked every second).
 
-    `conns` may grow while this runs (it is read afresh each second).
+    `conns` may change while this runs (it is read afresh each second; a dict's `values()` will do).
     """
     period = min(1.0, interval / 2)
     while stop is None or not stop.is_set():

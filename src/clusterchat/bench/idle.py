@@ -26,9 +26,10 @@ from clusterchat.bench.conn import (
     gather_limited,
     keepalive,
     raise_nofile_limit,
+    register_names,
     source_address,
 )
-from clusterchat.bench.stats import progress, table, write_json
+from clusterchat.bench.stats import ErrorCounts, LatencySummary, progress, table, write_json
 
 SETUP_PARALLEL = 50
 CONNECT_PARALLEL = 200
@@ -82,43 +83,13 @@ def server_rss(proc: psutil.Process | None) -> int | None:
         return None
 
 
+def _error_kind(step: str, exc: BaseException) -> str:
+    """`login:bad_credentials` for an error reply, `connect:ConnectionRefusedError` for anything else."""
+    return f"{step}:{exc.code}" if isinstance(exc, RequestFailed) else f"{step}:{type(exc).__name__}"
+
+
 def _kib(x: int | None) -> str:
     return "-" if x is None else f"{x / 1024:,.0f} KiB"
-
-
-async def _register_all(o: IdleOptions, websocket: bool) -> tuple[int, int]:
-    """Register PREFIX0..PREFIX{N-1} over a small pool of connections; (new, existing).
-
-    Each pool connection then logs one user in and closes, so the one-time costs of the
-    first logins are paid before the baseline is measured.
-    """
-    host, port = o.target
-    pool_size = max(1, min(SETUP_PARALLEL, o.users))
-    names = [f"{o.prefix}{i}" for i in range(o.users)]
-    created = existing = 0
-
-    async def worker(k: int) -> None:
-        nonlocal created, existing
-        conn = await connect(lambda: BenchConn(k, websocket), host, port, websocket=websocket)
-        try:
-            for name in names[k::pool_size]:
-                reply = await conn.raw_request("register", name=name, password=o.password)
-                if reply.get("ok"):
-                    created += 1
-                elif (reply.get("error") or {}).get("code") == "name_taken":
-                    existing += 1
-                else:
-                    raise RequestFailed("register", reply)
-            # Warm the node's login path (statement caches, hashing threads) before the baseline.
-            await conn.request("login", name=names[k], password=o.password)
-        finally:
-            await conn.aclose()
-
-    results = await asyncio.gather(*(worker(k) for k in range(pool_size)), return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return created, existing
 
 
 async def run_idle(o: IdleOptions) -> int:
@@ -140,7 +111,8 @@ async def run_idle(o: IdleOptions) -> int:
     say = (lambda _m: None) if o.quiet else progress
 
     t0 = time.perf_counter()
-    created, existing = await _register_all(o, websocket)
+    created, existing = await register_names([o.target], [f"{o.prefix}{i}" for i in range(o.users)],
+                                             o.password, websocket=websocket, pool=SETUP_PARALLEL)
     register_s = time.perf_counter() - t0
     say(f"bench idle: {created} users registered, {existing} already there ({register_s:.1f} s)")
     await asyncio.sleep(min(o.settle, 2.0))
@@ -149,6 +121,8 @@ async def run_idle(o: IdleOptions) -> int:
     say(f"bench idle: server RSS before connecting {_kib(rss_base)}")
 
     conns: list[IdleUser] = []
+    errors = ErrorCounts()
+    login_ns: list[int] = []
     stop = asyncio.Event()
     keeper = asyncio.get_running_loop().create_task(keepalive(conns, o.ping_interval, stop))
     status = 0
@@ -174,13 +148,17 @@ async def run_idle(o: IdleOptions) -> int:
 
         async def login(c: IdleUser) -> None:
             nonlocal done
+            t = time.perf_counter_ns()
             await c.request("login", name=f"{o.prefix}{c.index}", password=o.password)
+            login_ns.append(time.perf_counter_ns() - t)
             done += 1
             if not o.quiet and done % 2000 == 0:
                 progress(f"bench idle: {done} logged in ({time.perf_counter() - t2:.1f} s)")
 
         login_results = await gather_limited([login(c) for c in conns], SETUP_PARALLEL)
         login_failures = [r for r in login_results if isinstance(r, BaseException)]
+        errors.update(_error_kind("connect", r) for r in connect_failures)
+        errors.update(_error_kind("login", r) for r in login_failures)
         login_s = time.perf_counter() - t2
         say(f"bench idle: {len(conns) - len(login_failures)} logged in in {login_s:.1f} s"
             + (f", {len(login_failures)} failed ({login_failures[0]!r})" if login_failures else ""))
@@ -201,6 +179,10 @@ async def run_idle(o: IdleOptions) -> int:
         await gather_limited([c.aclose() for c in conns], 1000)
 
     n = max(len(conns), 1)
+    login_lat = LatencySummary.of(login_ns)
+    lost = len(conns) - open_at_end
+    if lost:
+        errors["disconnect"] += lost
     per_conn = (rss_connected - rss_base) / n / 1024 if rss_base is not None and rss_connected is not None else None
     per_session = ((rss_logged_in - rss_base) / n / 1024
                    if rss_base is not None and rss_logged_in is not None else None)
@@ -215,6 +197,8 @@ async def run_idle(o: IdleOptions) -> int:
         ("KiB/connection", "-" if per_conn is None else f"{per_conn:.1f} (connected, not logged in)"),
         ("KiB/session", "-" if per_session is None else f"{per_session:.1f} (connected and logged in)"),
         ("bench KiB/conn", f"{own_per_conn:.1f} (this process)"),
+        ("login latency ms", login_lat.short()),
+        ("errors", errors.text()),
     ]
     print(table(rows, "clusterchat bench idle"))
     if o.json_path:
@@ -227,6 +211,7 @@ async def run_idle(o: IdleOptions) -> int:
             "kib_per_connection": None if per_conn is None else round(per_conn, 2),
             "kib_per_session": None if per_session is None else round(per_session, 2),
             "bench_kib_per_connection": round(own_per_conn, 2),
+            "login_latency_ms": login_lat.as_dict(), "errors": dict(errors),
         })
     if pid is None:
         print("bench idle: no server pid (give --server-pid): no memory figures", file=sys.stderr)

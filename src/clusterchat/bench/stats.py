@@ -15,6 +15,7 @@ from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, TextIO
 
 NS_PER_MS = 1_000_000
@@ -103,65 +104,121 @@ class LatencyLog:
         return len(self.window())
 
 
+def phase_of(t: float, warmup: float, duration: float) -> str:
+    """The phase of a run `t` seconds after its load started."""
+    return "warmup" if t < warmup else "measure" if t < warmup + duration else "drain"
+
+
+def series_point(t: float, phase: str, recent_ns: Iterable[int]) -> dict[str, Any]:
+    """One second of a run for the `series` of the JSON and the plot: its latency percentiles."""
+    s = LatencySummary.of(recent_ns)
+    return {"t": round(t, 2), "phase": phase, "count": s.count, "p50_ms": _r(s.p50), "p90_ms": _r(s.p90),
+            "p99_ms": _r(s.p99), "max_ms": _r(s.max)}
+
+
 @dataclass(slots=True)
 class LossReport:
-    """Which confirmed sends never arrived, and which arrived more than once."""
+    """Which confirmed sends never reached every recipient, and which reached one more than once.
+
+    A message has `fanout` recipients (1 for a direct message, the group's size - 1 for a
+    group message); `received`, `expected`, `lost` and `duplicated` count deliveries, one
+    a recipient, and `sent`, `confirmed`, `failed` and `unanswered` count messages.
+    """
 
     sent: int = 0  # send requests written
     confirmed: int = 0  # ok replies
     failed: int = 0  # error replies
     unanswered: int = 0  # no reply by the end (connection lost, or the drain ran out)
-    received: int = 0  # distinct messages of this run received
-    lost: int = 0  # confirmed but never received
-    duplicated: int = 0  # received again (same unique id)
-    unconfirmed_received: int = 0  # received although the reply was an error or missing
+    expected: int = 0  # deliveries the confirmed messages owe: confirmed x fanout
+    received: int = 0  # distinct deliveries of this run's messages
+    lost: int = 0  # deliveries owed but never made
+    duplicated: int = 0  # deliveries made again to the same recipient
+    unconfirmed_received: int = 0  # deliveries of messages whose reply was an error or missing
     lost_examples: list[str] = field(default_factory=list)
 
 
 class SenderLedger:
-    """One sender's sends: counters 1..`next_counter`-1, which failed, which are unanswered.
-
-    A message's unique id is (sender index, counter); `key()` packs it in one int.
+    """One sender's sends: counters 1..`next_counter`-1, which failed, which are unanswered,
+    and to how many distinct recipients each was delivered (`delivered[counter]`).
     """
 
-    __slots__ = ("failed", "index", "next_counter", "pending")
+    __slots__ = ("delivered", "failed", "fanout", "index", "next_counter", "pending")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, fanout: int = 1) -> None:
         self.index = index
+        self.fanout = fanout  # recipients of each message
         self.next_counter = 1
         self.pending: dict[int, int] = {}  # counter -> send time (ns), until its reply
         self.failed: set[int] = set()
+        self.delivered = array("I", (0,))  # by counter; [0] is unused
 
-    @staticmethod
-    def key(sender: int, counter: int) -> int:
-        return (sender << 32) | counter
+    def next(self, t_ns: int) -> int:
+        """Book the next send (sent at `t_ns`); its counter."""
+        c = self.next_counter
+        self.next_counter = c + 1
+        self.pending[c] = t_ns
+        self.delivered.append(0)
+        return c
 
 
-def account_losses(ledgers: Iterable[SenderLedger], received: set[int], duplicated: int,
-                   max_examples: int = 10) -> LossReport:
-    """Compare what the senders had confirmed with what the receivers saw."""
+class Arrival(IntEnum):
+    NEW = 0
+    LATE = 1  # new, but after a later message of the same sender: reordered
+    DUPLICATE = 2
+
+
+class ReceiverLedger:
+    """What one recipient has seen of each sender: the highest counter and the gaps below it.
+
+    Senders' messages reach a recipient in order (PROTOCOL.md 6), so the gaps stay empty
+    unless something is lost, failed or reordered; this keeps a recipient's memory
+    proportional to its senders, not to the messages it received.
+    """
+
+    __slots__ = ("gaps", "last")
+
+    def __init__(self) -> None:
+        self.last: dict[int, int] = {}  # sender -> highest counter seen
+        self.gaps: dict[int, set[int]] = {}  # sender -> counters below `last` not seen
+
+    def arrived(self, sender: int, counter: int) -> Arrival:
+        last = self.last.get(sender, 0)
+        if counter > last:
+            if counter > last + 1:
+                self.gaps.setdefault(sender, set()).update(range(last + 1, counter))
+            self.last[sender] = counter
+            return Arrival.NEW
+        gaps = self.gaps.get(sender)
+        if gaps and counter in gaps:
+            gaps.discard(counter)
+            return Arrival.LATE
+        return Arrival.DUPLICATE
+
+
+def account_losses(ledgers: Iterable[SenderLedger], duplicated: int, max_examples: int = 10) -> LossReport:
+    """Compare what the senders had confirmed with what the recipients saw."""
     report = LossReport(duplicated=duplicated)
-    seen_confirmed = 0
     for ledger in ledgers:
-        base = ledger.index << 32
         sent = ledger.next_counter - 1
+        delivered = ledger.delivered
+        fanout = ledger.fanout
         report.sent += sent
         report.failed += len(ledger.failed)
         report.unanswered += len(ledger.pending)
         for counter in range(1, sent + 1):
-            key = base | counter
+            got = delivered[counter]
             if counter in ledger.failed or counter in ledger.pending:
-                if key in received:
-                    report.unconfirmed_received += 1
+                report.unconfirmed_received += got
                 continue
-            if key in received:
-                seen_confirmed += 1
-            else:
-                report.lost += 1
+            report.expected += fanout
+            report.received += got
+            if got < fanout:
+                report.lost += fanout - got
                 if len(report.lost_examples) < max_examples:
-                    report.lost_examples.append(f"user#{ledger.index} message #{counter}")
+                    report.lost_examples.append(f"user#{ledger.index} message #{counter}"
+                                                + (f" ({fanout - got} of {fanout} recipients)" if fanout > 1 else ""))
     report.confirmed = report.sent - report.failed - report.unanswered
-    report.received = seen_confirmed + report.unconfirmed_received
+    report.received += report.unconfirmed_received
     return report
 
 
@@ -229,6 +286,20 @@ class CpuProbe:
                 "machine_pct": round(machine, 1), "other_pct": round(max(0.0, machine - known), 1),
                 "cores": self._psutil.cpu_count() or 1,
                 "server_cpu_s": round(sum(b - a for a, b in zip(s0, s1, strict=True)), 3)}
+
+
+def cpu_text(c: dict[str, Any] | None, per: str = "msg") -> str:
+    """A `CpuProbe.result()` for the table; `server_us_per_{per}` is shown when present."""
+    if c is None:
+        return "-"
+    parts = []
+    key = f"server_us_per_{per}"
+    if c["server_pct"]:
+        parts.append("server " + "+".join(f"{x:.0f}%" for x in c["server_pct"])
+                     + (f" ({c[key]:.0f} us/{per})" if key in c else ""))
+    parts.append(f"bench {c['bench_pct']:.0f}%")
+    parts.append(f"others {c['other_pct']:.0f}%" if c["server_pct"] else f"machine {c['machine_pct']:.0f}%")
+    return ", ".join(parts) + f" (of {c['cores'] * 100}%)"
 
 
 # ---------------------------------------------------------------------------- output
