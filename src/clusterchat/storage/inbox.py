@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 CMID_WINDOW_MS = 24 * 3600 * 1000
 _CMID_BUCKETS = (1, 4, 16, 64, 256)
+_LOCK_BUCKETS = (1, 4, 16, 64, 256, 1024)
 _MESSAGE_COLUMNS = ("id", "sender_id", "to_user_id", "group_id", "peer_lo", "peer_hi", "text", "ts")
-_CHUNK = 500
 
 
 @dataclass(slots=True)
@@ -87,16 +87,16 @@ class _Bulk:
     """A Core statement compiled once for the dialect, executed with plain tuples.
 
     The batch statements run with hundreds of rows; SQLAlchemy's per-row parameter
-    processing costs more than the database does, so the rows go to the driver as
-    tuples in the compiled statement's own parameter order. Still parameterized.
+    processing costs more than the database does, so the rows go to the driver's
+    cursor as tuples in the compiled statement's own parameter order. Still parameterized.
     """
 
     def __init__(self, statement: Any, dialect: Any, order: tuple[str, ...]) -> None:
         self.sql = _compile(statement, dialect, order)
 
-    def run(self, conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    def run(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
         if rows:
-            conn.exec_driver_sql(self.sql, rows)
+            cursor.executemany(self.sql, rows)
 
 
 def _compile(statement: Any, dialect: Any, order: tuple[str, ...]) -> str:
@@ -113,6 +113,28 @@ def _compile_cmid_lookup(size: int, dialect: Any) -> str:
         or_(*(and_(c.sender_id == bindparam(f"s{i}"), c.cmid == bindparam(f"c{i}")) for i in range(size)))
     )
     return _compile(query, dialect, tuple(name for i in range(size) for name in (f"s{i}", f"c{i}")))
+
+
+def _compile_lock_states(size: int, dialect: Any) -> str:
+    """SELECT … FOR UPDATE of `size` inbox_state rows, in user-id order."""
+    names = tuple(f"u{i}" for i in range(size))
+    query = (
+        select(inbox_state.c.user_id, inbox_state.c.last_seq)
+        .where(inbox_state.c.user_id.in_([bindparam(n) for n in names]))
+        .order_by(inbox_state.c.user_id)
+        .with_for_update()
+    )
+    return _compile(query, dialect, names)
+
+
+def _buckets(items: Sequence[Any], buckets: tuple[int, ...]) -> Iterable[tuple[int, list[Any]]]:
+    """`items` in chunks of at most the largest bucket, each padded (by repeating its last
+    item) to the smallest bucket that holds it: a handful of statement shapes, compiled once."""
+    largest = buckets[-1]
+    for i in range(0, len(items), largest):
+        chunk = list(items[i:i + largest])
+        size = next(b for b in buckets if b >= len(chunk))
+        yield size, chunk + [chunk[-1]] * (size - len(chunk))
 
 
 class MessageWriter:
@@ -141,7 +163,15 @@ class MessageWriter:
         self._insert_cmid = _Bulk(
             insert(message_cmids).values(sender_id=bindparam("u"), cmid=bindparam("c"), message_id=bindparam("m"),
                                          ts=bindparam("t")), dialect, ("u", "c", "m", "t"))
+        self._delete_cmid = _Bulk(
+            delete(message_cmids).where(message_cmids.c.sender_id == bindparam("u"),
+                                        message_cmids.c.cmid == bindparam("c")), dialect, ("u", "c"))
         self._cmid_lookup = {size: _compile_cmid_lookup(size, dialect) for size in _CMID_BUCKETS}
+        self._lock_states = {size: _compile_lock_states(size, dialect) for size in _LOCK_BUCKETS}
+        where = counters.c.name == bindparam("n")
+        self._bump_counter = _compile(update(counters).where(where).values(value=counters.c.value + bindparam("k")),
+                                      dialect, ("k", "n"))
+        self._read_counter = _compile(select(counters.c.value).where(where), dialect, ("n",))
         self.batches = 0
         self.items = 0
 
@@ -229,10 +259,19 @@ class MessageWriter:
                 a.future.set_result(None)
 
     def _transaction(self, conn: Connection, sends: list[OutgoingMessage], acks: list[AckRequest]) -> None:
+        # Every statement here is compiled once (in __init__) and runs on the driver's own
+        # cursor: per batch, SQLAlchemy's execution machinery cost more than the database.
+        cursor = conn.connection.cursor()
+        try:
+            self._transaction_on(cursor, sends, acks)
+        finally:
+            cursor.close()
+
+    def _transaction_on(self, cursor: Any, sends: list[OutgoingMessage], acks: list[AckRequest]) -> None:
         ts = now_ms()
         for s in sends:
             s.stored = None
-        fresh, twins = self._dedupe(conn, sends, ts)
+        fresh, twins = self._dedupe(cursor, sends, ts)
 
         ack_seq: dict[int, int] = {}
         for a in acks:
@@ -240,18 +279,13 @@ class MessageWriter:
                 ack_seq[a.user_id] = a.seq
         lock_ids = sorted({r for s in fresh for r in s.recipients} | set(ack_seq))
         last_seq: dict[int, int] = {}
-        for chunk in _chunks(lock_ids):
-            rows = conn.execute(
-                select(inbox_state.c.user_id, inbox_state.c.last_seq)
-                .where(inbox_state.c.user_id.in_(chunk))
-                .order_by(inbox_state.c.user_id)
-                .with_for_update()
-            )
-            last_seq.update((row.user_id, row.last_seq) for row in rows)
+        for size, chunk in _buckets(lock_ids, _LOCK_BUCKETS):
+            cursor.execute(self._lock_states[size], tuple(chunk))
+            last_seq.update(cursor.fetchall())
         start = dict(last_seq)
 
         if fresh:
-            ids = self._reserve_ids(conn, len(fresh))
+            ids = self._reserve_ids(cursor, len(fresh))
             message_rows = []
             inbox_rows = []
             for s, message_id in zip(fresh, ids, strict=True):
@@ -269,10 +303,10 @@ class MessageWriter:
                     deliveries.append((user_id, seq))
                     inbox_rows.append((user_id, seq, message_id))
                 s.stored = StoredMessage(message_id, ts, deliveries)
-            self._insert_message.run(conn, message_rows)
-            self._insert_inbox.run(conn, inbox_rows)
-            self._set_last_seq.run(conn, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
-            self._insert_cmid.run(conn, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
+            self._insert_message.run(cursor, message_rows)
+            self._insert_inbox.run(cursor, inbox_rows)
+            self._set_last_seq.run(cursor, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
+            self._insert_cmid.run(cursor, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
                                          if s.cmid is not None and s.stored is not None])
             for twin, original in twins:
                 assert original.stored is not None
@@ -281,21 +315,21 @@ class MessageWriter:
         if ack_seq:
             # Never past the last seq handed out: an ack of the future acknowledges nothing.
             acked = [(u, min(seq, last_seq.get(u, 0))) for u, seq in ack_seq.items()]
-            self._set_acked.run(conn, [(seq, u, seq) for u, seq in acked])
+            self._set_acked.run(cursor, [(seq, u, seq) for u, seq in acked])
 
-    def _reserve_ids(self, conn: Connection, n: int) -> list[int]:
+    def _reserve_ids(self, cursor: Any, n: int) -> list[int]:
         """`n` message ids from the `message_id` counter, whose row stays locked until commit.
 
         Ids are handed out here rather than by autoincrement because INSERT … RETURNING
         in parameter order runs one statement per row on SQLite.
         """
-        where = counters.c.name == "message_id"
-        conn.execute(update(counters).where(where).values(value=counters.c.value + n))
-        last = (conn.execute(select(counters.c.value).where(where))).scalar_one()
+        cursor.execute(self._bump_counter, (n, "message_id"))
+        cursor.execute(self._read_counter, ("message_id",))
+        (last,) = cursor.fetchone()
         return list(range(last - n + 1, last + 1))
 
     def _dedupe(
-        self, conn: Connection, sends: list[OutgoingMessage], ts: int
+        self, cursor: Any, sends: list[OutgoingMessage], ts: int
     ) -> tuple[list[OutgoingMessage], list[tuple[OutgoingMessage, OutgoingMessage]]]:
         """Resolve retried `cmid`s to their first message.
 
@@ -311,20 +345,16 @@ class MessageWriter:
         # every combination, and SQLite answers `(sender, cmid) IN (VALUES …)` by
         # scanning the whole table.
         pairs = sorted({(s.sender_id, s.cmid) for s in keyed if s.cmid is not None})
-        for chunk in _chunks(pairs, _CMID_BUCKETS[-1]):
-            size = next(b for b in _CMID_BUCKETS if b >= len(chunk))
-            padded = list(chunk) + [chunk[-1]] * (size - len(chunk))
-            result = conn.exec_driver_sql(self._cmid_lookup[size], tuple(v for pair in padded for v in pair))
-            found = {tuple(row) for row in result}  # padding repeats a pair
+        for size, padded in _buckets(pairs, _CMID_BUCKETS):
+            cursor.execute(self._cmid_lookup[size], tuple(v for pair in padded for v in pair))
+            found = {tuple(row) for row in cursor.fetchall()}  # padding repeats a pair
             for sender_id, cmid, message_id, row_ts in found:
                 if row_ts > ts - CMID_WINDOW_MS:
                     known[(sender_id, cmid)] = (message_id, row_ts)
                 else:
                     expired.append((sender_id, cmid))
-        for sender_id, cmid in expired:
-            conn.execute(delete(message_cmids).where(
-                and_(message_cmids.c.sender_id == sender_id, message_cmids.c.cmid == cmid)
-            ))
+        if expired:
+            self._delete_cmid.run(cursor, expired)
         fresh: list[OutgoingMessage] = []
         twins: list[tuple[OutgoingMessage, OutgoingMessage]] = []
         first_in_batch: dict[tuple[int, str], OutgoingMessage] = {}
@@ -342,11 +372,6 @@ class MessageWriter:
                 first_in_batch[key] = s
                 fresh.append(s)
         return fresh, twins
-
-
-def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 @dataclass(frozen=True, slots=True)
