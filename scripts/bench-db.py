@@ -3,7 +3,7 @@
     python scripts/bench-db.py postgresql   # durable settings (fsync on)
     python scripts/bench-db.py mariadb
 
-Uses the same code as the test fixtures (tests/support/backends.py): a free port, data in
+Uses the same code as the test fixtures and `clusterchat cluster` (clusterchat.launcher.backends): a free port, data in
 a temporary folder, everything removed on exit.
 """
 
@@ -15,9 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from support.backends import start_mariadb, start_postgres
+from clusterchat.launcher.backends import start_mariadb, start_postgres
 
 
 def main() -> int:

@@ -3,14 +3,14 @@
 #
 #     scripts/test.sh [pytest arguments...]      e.g.  scripts/test.sh -q -k backends
 #
-# 1. Installs the database servers the integration tests start (PostgreSQL, MariaDB, Redis)
-#    with apt if any is missing, without starting the system services.
+# 1. Installs the servers the integration tests start (PostgreSQL, MariaDB, Redis, and nginx
+#    with its stream module) with apt if any is missing, without starting the system services.
 # 2. Installs clusterchat with its test extras (pip install -e ".[test]"); if python3 is
 #    Debian's externally managed interpreter and no virtualenv is active, into ./.venv.
 # 3. Runs pytest from the repository root; its exit code is this script's exit code.
 #
 # The tests never touch the system instances: every server they start runs on a free port
-# with its data in a temporary folder (see tests/support/backends.py).
+# with its data in a temporary folder (see src/clusterchat/launcher/backends.py).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +31,17 @@ if ! have redis-server \
     || ! have psql \
     || ! have mariadbd || ! have mariadb-install-db || ! have mariadb; then
     apt_packages+=(redis-server postgresql mariadb-server mariadb-client)
+fi
+nginx_with_stream() {  # nginx, and its TCP proxy (stream) built in or as Debian's dynamic module
+    local nginx info
+    nginx="$(command -v nginx || echo /usr/sbin/nginx)"
+    [[ -x "$nginx" ]] || return 1
+    info="$("$nginx" -V 2>&1)" || return 1
+    [[ "$info" =~ --with-stream( |$) ]] && return 0
+    compgen -G '/usr/lib/nginx/modules/ngx_stream_module.so' >/dev/null
+}
+if ! nginx_with_stream; then
+    apt_packages+=(nginx libnginx-mod-stream)
 fi
 if ! have "$python"; then
     apt_packages+=(python3)
@@ -78,6 +89,13 @@ apt_install() {
 if ((${#apt_packages[@]})); then
     log "installing system packages: ${apt_packages[*]}"
     apt_install "${apt_packages[@]}"
+    # An existing policy-rc.d may have let the package start the system nginx (port 80): stop it;
+    # the tests run their own nginx on free ports.
+    if [[ " ${apt_packages[*]} " == *" nginx "* && -s /run/nginx.pid ]] \
+        && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+        log "stopping the system nginx the package started"
+        "${sudo[@]}" /usr/sbin/nginx -s stop || true
+    fi
 fi
 
 # ------------------------------------------------------------------ Python packages

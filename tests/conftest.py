@@ -10,19 +10,24 @@ end of the session.
 * ``db_backend`` + ``db_url``: a test using ``db_url`` runs once per backend. To restrict a
   test, override the parameter:
   ``@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)``.
+* ``make_nginx(*nodes)``: nginx on free ports in a temporary folder in front of running nodes
+  (the configuration ``clusterchat cluster`` generates); stopped after the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from clusterchat.launcher.nginx import NginxServer, NodeAddress, start_nginx
 from support.backends import (
     MariaDbServer,
     PgServer,
@@ -38,6 +43,8 @@ DB_BACKENDS = ("sqlite", "mariadb", "postgresql")
 
 MakeDbUrl = Callable[[str], str]
 """``make_db_url(backend) -> url`` (see the ``make_db_url`` fixture)."""
+MakeNginx = Callable[..., NginxServer]
+"""``make_nginx(*nodes) -> NginxServer`` (see the ``make_nginx`` fixture)."""
 
 _SERVER_FIXTURES = {"mariadb": "mariadb_server", "postgresql": "pg_server"}
 
@@ -146,3 +153,20 @@ async def chat(node: NodeProcess) -> AsyncIterator[Chat]:
     """Users on `node` (see support/users.py); every connection is closed after the test."""
     async with Chat(node) as c:
         yield c
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+@pytest.fixture
+def make_nginx(tmp_path: Path) -> Iterator[MakeNginx]:
+    """``make_nginx(*nodes, **options)``: a running nginx on free ports in front of ``nodes`` (NodeProcess);
+    ``options`` go to ``start_nginx`` (e.g. ``proxy_timeout="1s"``)."""
+    with contextlib.ExitStack() as stack:
+        count = itertools.count(1)
+
+        def make(*nodes: NodeProcess, **options: Any) -> NginxServer:
+            addresses = [NodeAddress(node.host, node.port, node.ws_port) for node in nodes]
+            return stack.enter_context(start_nginx(tmp_path / f"nginx{next(count)}", addresses, **options))
+
+        yield make

@@ -766,6 +766,35 @@ async def test_gap_triggers_catch_up_from_the_database() -> None:
     assert [f["seq"] for f in outlet.frames()] == [4, 5, 6, 7]
 
 
+async def test_catch_up_to_fetches_what_the_cluster_bus_lost() -> None:
+    """After a resubscription the node tells each session its inbox's newest seq."""
+    node, outlet, session = make()
+    node.messages.commit(4, 5, 6)
+    live(session, 3)
+    session.catch_up_to(3)  # nothing new: no read
+    assert node.tasks == set() and node.messages.calls == []
+    session.catch_up_to(6)
+    await wait_tasks(node)
+    assert [f["seq"] for f in outlet.frames()] == [4, 5, 6]
+    session.deliver(5, frame_of(5))  # the lost event turns up after all: a duplicate
+    session.deliver(7, frame_of(7))
+    assert [f["seq"] for f in outlet.frames()] == [4, 5, 6, 7]
+
+
+async def test_catch_up_to_during_login_waits_for_the_login_reply() -> None:
+    node, outlet, session = make()
+    node.messages.commit(3, 4)
+    session.begin_login()
+    session.catch_up_to(4)  # the login's offline read ends at 2; 3 and 4 came meanwhile
+    assert node.tasks == set()
+    session.end_login(last_seq=2, more=False)
+    await wait_tasks(node)
+    assert [f["seq"] for f in outlet.frames()] == [3, 4]
+    logged_out = make(logged_in=False)
+    logged_out[2].catch_up_to(9)
+    assert logged_out[0].tasks == set() and logged_out[0].messages.calls == []
+
+
 async def test_events_arriving_during_catch_up_are_held_and_written_in_order() -> None:
     node, outlet, session = make()
     node.messages.commit(4, 5, 6, 7, 8)  # an event is published only after its commit

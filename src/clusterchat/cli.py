@@ -1,4 +1,4 @@
-"""The `clusterchat` command: serve, db upgrade, bench (and later gate, cluster, client)."""
+"""The `clusterchat` command: serve, db upgrade, bench, client, cluster, nginx-config (and later gate)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_bench_parser(sub)
 
+    from clusterchat.launcher.cli import add_launcher_parsers
+
+    add_launcher_parsers(sub)
+
     client_p = sub.add_parser("client", help="the interactive terminal client")
     client_p.add_argument("--host", default="127.0.0.1", help="the node's address (default %(default)s)")
     client_p.add_argument("--port", type=int, default=7000, help="the node's TCP port (default %(default)s)")
@@ -97,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from clusterchat.bench.cli import run_bench
 
         return _run(run_bench(args))
+    if args.command in ("cluster", "nginx-config"):
+        from clusterchat.launcher.cli import run_launcher_command
+
+        return run_launcher_command(args)
     if args.command == "client":
         from clusterchat.terminal.app import run_terminal
 

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clusterchat.clock import now_ms
 from clusterchat.config import NodeConfig
@@ -50,11 +50,15 @@ from clusterchat.services.sessions import SessionService
 from clusterchat.services.social import FriendService, GroupService
 from clusterchat.session import Session
 from clusterchat.storage.accounts import TokenStore, UserStore
-from clusterchat.storage.engine import Database, redact
+from clusterchat.storage.engine import Database, async_url, redact
 from clusterchat.storage.inbox import InboxMessage, MessageStore, MessageWriter, StoredMessage
 from clusterchat.storage.social import FriendStore, GroupStore
 from clusterchat.transport.tcp import start_tcp
 from clusterchat.transport.websocket import start_websocket
+
+if TYPE_CHECKING:
+    from clusterchat.cluster.link import ClusterLink
+    from clusterchat.cluster.rooms import RoomPlacement
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +73,16 @@ class ChatNode:
         self.name = ""
         self.tcp_address: tuple[str, int] = ("", 0)
         self.ws_address: tuple[str, int] = ("", 0)
+        self.cluster: ClusterLink | None = None
+        self.placement: RoomPlacement | None = None
 
     # ---- wiring -----------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
+        clustered = config.redis_url is not None
+        if clustered:
+            _check_cluster_config(config)
         self.db = Database(config.db_url, pool_size=config.db_pool_size)
         log.info("opening database %s", redact(config.db_url))
         try:
@@ -83,7 +92,14 @@ class ChatNode:
             raise RuntimeError(f"cannot open the database {redact(config.db_url)}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
-        self.hub = Hub()
+        if clustered:
+            from clusterchat.cluster.hub import ClusterHub
+            from clusterchat.cluster.rooms import RoomPlacement
+
+            self.hub: Hub = ClusterHub(self.spawn)
+            self.placement = RoomPlacement(self.spawn)
+        else:
+            self.hub = Hub()
         users, tokens = UserStore(self.db), TokenStore(self.db)
         friend_store, group_store = FriendStore(self.db), GroupStore(self.db)
         self.messages = MessageStore(self.db)
@@ -96,6 +112,7 @@ class ChatNode:
         self.chat = MessageService(self.writer, self.messages, self.groups, self.accounts)
         self.sessions = SessionService(self.accounts, self.friends, friend_store, self.groups, self.messages,
                                        self.hub, reject_duplicates=config.duplicate_login == "reject")
+        self.hub.group_listeners.append(self.groups.forget)
         self._writer_task = self.loop.create_task(self.writer.run(), name="message-writer")
 
         self.tcp_server = await start_tcp(self, config.host, config.port)
@@ -105,10 +122,34 @@ class ChatNode:
         self.name = config.node_name(self.tcp_address[1])
         host = config.public_host
         self.rooms = RoomService({"host": host, "port": self.tcp_address[1],
-                                  "ws_url": f"ws://{host}:{self.ws_address[1]}/ws"})
+                                  "ws_url": f"ws://{host}:{self.ws_address[1]}/ws"}, directory=self.placement)
         self.sessions.on_end.append(self._leave_rooms)
         self._sweeper = self.loop.create_task(self._sweep_idle(), name="idle-sweeper")
         self._janitor = self.loop.create_task(self._purge_tokens(), name="token-janitor")
+        if clustered:
+            await self._join_cluster()
+
+    async def _join_cluster(self) -> None:
+        from clusterchat.cluster.hub import ClusterHub
+        from clusterchat.cluster.link import ClusterLink
+        from clusterchat.storage.heads import InboxHeads
+
+        assert isinstance(self.hub, ClusterHub) and self.placement is not None
+        self.hub.kick = self.sessions.kick
+        self.cluster = ClusterLink(self, self.hub, self.placement, InboxHeads(self.db))
+        try:
+            await self.cluster.start()
+        except BaseException:
+            self.tcp_server.close()
+            self.ws_server.close()
+            self._sweeper.cancel()
+            self._janitor.cancel()
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._writer_task, 5)
+            await self.db.close()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            raise
 
     def ready_line(self) -> str:
         return (f"clusterchat node {self.name} listening on tcp://{self.tcp_address[0]}:{self.tcp_address[1]} "
@@ -128,10 +169,14 @@ class ChatNode:
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._writer_task, 10)
+        if self.cluster is not None:
+            self.cluster.begin_stop()
         for session in list(self.connections):
             self.sessions.end(session)
         for session in list(self.connections):
             session.close()
+        if self.cluster is not None:
+            await self.cluster.stop()  # other nodes' users see ours go offline
         self.rooms.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws_server.wait_closed(), 5)
@@ -229,6 +274,8 @@ class ChatNode:
                     raise BadRequest("field `with`: give exactly one of `with` and `group_id`")
                 return self.chat.history(s, req)
             case CreateRoom(name=name):
+                if self.placement is not None:
+                    return self.placement.create(name)
                 return self.rooms.create(name)
             case JoinRoom(room_id=rid):
                 return self.rooms.join(s, rid)
@@ -248,6 +295,14 @@ class ChatNode:
     async def _groups(self, s: Session) -> dict[str, Any]:
         assert s.user_id is not None
         return {"groups": await self.groups.groups_of(s.user_id)}
+
+
+def _check_cluster_config(config: NodeConfig) -> None:
+    if async_url(config.db_url).get_backend_name() == "sqlite":
+        raise RuntimeError("--redis (cluster mode) needs a database every node shares: give --db a MariaDB/MySQL "
+                           "or PostgreSQL URL (SQLite lives in one node's files)")
+    if config.name is not None and (not config.name or any(c.isspace() for c in config.name)):
+        raise RuntimeError("--name must be a word without spaces in cluster mode")
 
 
 async def serve(config: NodeConfig) -> int:

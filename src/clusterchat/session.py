@@ -81,7 +81,7 @@ class _Slot:
 class Session:
     __slots__ = (
         "_cursor", "_epoch", "_exclusive", "_max_seen", "_pending", "_rate_last", "_rate_tokens",
-        "_reading_paused", "_replies", "_waiting", "closed", "friends", "last_frame", "next_seq",
+        "_reading_paused", "_replies", "_waiting", "claim", "closed", "friends", "last_frame", "next_seq",
         "node", "outlet", "token", "user_id", "user_name",
     )  # fmt: skip
 
@@ -92,6 +92,7 @@ class Session:
         self.user_name = ""
         self.token: str | None = None
         self.friends: set[int] = set()
+        self.claim: str | None = None  # in a cluster: this login's entry in the online map
         self.closed = False
         self.last_frame = node.loop.time()
         self._rate_tokens = float(node.config.rate_burst)
@@ -319,6 +320,16 @@ class Session:
                 self._max_seen = max(self._max_seen, seq)
         elif state is CursorState.PAUSED:
             self._max_seen = max(self._max_seen, seq)
+
+    def catch_up_to(self, seq: int) -> None:
+        """Messages up to `seq` were committed for this user but may never reach this node as
+        events (the cluster bus lost them): fetch whatever is missing from the database."""
+        state = self._cursor
+        if state is CursorState.OFF or (state is CursorState.LIVE and seq < self.next_seq):
+            return
+        self._max_seen = max(self._max_seen, seq)
+        if state is CursorState.LIVE:
+            self._catch_up()
 
     def _drain_pending(self) -> None:
         pending = sorted(self._pending)

@@ -50,16 +50,25 @@ class SessionService:
         if session.closed:
             raise AlreadyLoggedIn("the connection closed during login")
 
-        # From here to attach() nothing awaits, so two logins of one user cannot interleave.
-        existing = self._hub.session_of(user.id)
-        if existing is not None and existing is not session:
-            if self._reject_duplicates:
+        async with self._hub.login_lock(user.id):
+            existing = self._hub.session_of(user.id)
+            if existing is not None and existing is not session and self._reject_duplicates:
                 raise AlreadyLoggedIn(f"{user.name} is logged in elsewhere")
-            self.kick(existing)
-        session.user_id = user.id
-        session.user_name = user.name
-        session.begin_login()
-        self._hub.attach(session)
+            # In a cluster: the user's one entry in the online map, kicking (or refusing
+            # for) a session on another node.
+            await self._hub.claim(session, user.id, reject=self._reject_duplicates)
+            if session.closed:
+                self._hub.session_gone(session, user.id, (), announce=False)
+                session.claim = None
+                raise AlreadyLoggedIn("the connection closed during login")
+            # From here to attach() nothing awaits, so two logins of one user cannot interleave.
+            existing = self._hub.session_of(user.id)
+            if existing is not None and existing is not session:
+                self.kick(existing)
+            session.user_id = user.id
+            session.user_name = user.name
+            session.begin_login()
+            self._hub.attach(session)
         log.info("user %d logged in from %s", user.id, session.outlet.peer)
         try:
             if token is None:
@@ -70,10 +79,13 @@ class SessionService:
             groups = await self._groups.groups_of(user.id)
             requests = await self._friend_store.pending_for(user.id)
             page = await self._messages.unacked(user.id, OFFLINE_LIMIT)
+            online = await self._hub.online_among(session.friends)
         except BaseException:
-            self._hub.detach(session)
+            if self._hub.detach(session):
+                self._hub.session_gone(session, user.id, (), announce=False)
             session.user_id = None
             session.token = None
+            session.claim = None
             session.friends = set()
             session.end_session()
             raise
@@ -83,7 +95,7 @@ class SessionService:
         return {
             "user": {"id": user.id, "name": user.name},
             "token": token,
-            "friends": [{"id": f.id, "name": f.name, "online": self._hub.is_online(f.id)} for f in friends],
+            "friends": [{"id": f.id, "name": f.name, "online": f.id in online} for f in friends],
             "groups": groups,
             "friend_requests": [{"from": {"id": r.sender.id, "name": r.sender.name}, "note": r.note, "ts": r.ts}
                                 for r in requests],
@@ -93,11 +105,14 @@ class SessionService:
 
     def kick(self, old: Session) -> None:
         """Close an older session of a user who logged in again; friends see no flicker."""
-        log.info("user %s logged in again: closing the older session from %s", old.user_id, old.outlet.peer)
-        self._hub.detach(old)
+        user_id = old.user_id
+        log.info("user %s logged in again: closing the older session from %s", user_id, old.outlet.peer)
+        if self._hub.detach(old) and user_id is not None:
+            self._hub.session_gone(old, user_id, (), announce=False)
         self._run_end_hooks(old)
         old.write(kicked())
         old.user_id = None
+        old.claim = None
         old.end_session()
         old.close()
 
@@ -114,10 +129,11 @@ class SessionService:
             return
         self._run_end_hooks(session)
         if self._hub.detach(session):
-            self._hub.announce_presence(user_id, False, session.friends)
+            self._hub.session_gone(session, user_id, session.friends, announce=True)
             log.info("user %d logged out", user_id)
         session.user_id = None
         session.token = None
+        session.claim = None
         session.friends = set()
         session.end_session()
 

@@ -23,8 +23,9 @@ class FriendService:
         self._hub = hub
 
     async def friend_list(self, user_id: int) -> list[dict[str, Any]]:
-        return [{"id": f.id, "name": f.name, "online": self._hub.is_online(f.id)}
-                for f in await self._store.friends_of(user_id)]
+        friends = await self._store.friends_of(user_id)
+        online = await self._hub.online_among(f.id for f in friends)
+        return [{"id": f.id, "name": f.name, "online": f.id in online} for f in friends]
 
     async def request(self, session: Session, target: int, note: str) -> dict[str, Any] | None:
         me = _me(session)
@@ -63,12 +64,11 @@ class FriendService:
             session.friends.add(other)
             raise AlreadyFriends(f"user {other} is already your friend")
         session.friends.add(other)
-        other_session = self._hub.session_of(other)
-        if other_session is not None:
-            other_session.friends.add(me)
-        # The one who asked learns of it by event; so does the other side when both asked.
-        self._hub.push(other, event("friend_added", {"friend": {"id": me, "name": session.user_name, "online": True}}))
-        return {"id": other, "name": name, "online": self._hub.is_online(other)}
+        # The one who asked learns of it by event (its friend set grows with it, wherever it
+        # is connected); so does the other side when both asked.
+        await self._hub.friend_changed(other, me, added=True, frame=event(
+            "friend_added", {"friend": {"id": me, "name": session.user_name, "online": True}}))
+        return {"id": other, "name": name, "online": other in await self._hub.online_among((other,))}
 
     async def reject(self, session: Session, asker: int) -> None:
         await self._store.delete_request(asker, _me(session))
@@ -81,10 +81,7 @@ class FriendService:
                 raise NoSuchUser(f"no user has id {other}")
             raise NotFriends(f"user {other} is not your friend")
         session.friends.discard(other)
-        other_session = self._hub.session_of(other)
-        if other_session is not None:
-            other_session.friends.discard(me)
-        self._hub.push(other, event("friend_removed", {"user_id": me}))
+        await self._hub.friend_changed(other, me, added=False, frame=event("friend_removed", {"user_id": me}))
 
 
 class GroupService:
@@ -97,15 +94,20 @@ class GroupService:
         self._versions: dict[int, int] = {}  # bumped by every change, so a slow load can't cache stale members
         self._cache_size = cache_size
 
-    def group_dict(self, group: GroupRecord, viewer: int) -> dict[str, Any]:
+    @staticmethod
+    def group_dict(group: GroupRecord, viewer: int, online: set[int]) -> dict[str, Any]:
         return {
             "id": group.id, "name": group.name, "desc": group.desc, "role": group.role_of(viewer),
-            "members": [{"id": u.id, "name": u.name, "role": role, "online": self._hub.is_online(u.id)}
+            "members": [{"id": u.id, "name": u.name, "role": role, "online": u.id in online}
                         for u, role in group.members],
         }
 
+    async def _described(self, groups: list[GroupRecord], viewer: int) -> list[dict[str, Any]]:
+        online = await self._hub.online_among({u.id for g in groups for u, _ in g.members})
+        return [self.group_dict(g, viewer, online) for g in groups]
+
     async def groups_of(self, user_id: int) -> list[dict[str, Any]]:
-        return [self.group_dict(g, user_id) for g in await self._store.groups_of(user_id)]
+        return await self._described(await self._store.groups_of(user_id), user_id)
 
     def cached_members(self, group_id: int) -> frozenset[int] | None:
         return self._members.get(group_id)
@@ -135,7 +137,7 @@ class GroupService:
         self.forget(group_id)
         group = await self._store.get(group_id)
         assert group is not None
-        return {"group": self.group_dict(group, me)}
+        return {"group": (await self._described([group], me))[0]}
 
     async def join(self, session: Session, group_id: int) -> dict[str, Any]:
         me = _me(session)
@@ -147,8 +149,8 @@ class GroupService:
         if group is None:
             raise NoSuchGroup(f"no group has id {group_id}")
         if joined:
-            self._announce(group_id, group, session, joined=True)
-        return {"group": self.group_dict(group, me)}
+            await self._announce(group_id, group, session, joined=True)
+        return {"group": (await self._described([group], me))[0]}
 
     async def leave(self, session: Session, group_id: int) -> None:
         me = _me(session)
@@ -158,12 +160,12 @@ class GroupService:
         if not await self._store.leave(group_id, me):
             raise NotMember(f"you are not a member of group {group_id}")
         self.forget(group_id)
-        self._announce(group_id, group, session, joined=False)
+        await self._announce(group_id, group, session, joined=False)
 
-    def _announce(self, group_id: int, group: GroupRecord, session: Session, *, joined: bool) -> None:
+    async def _announce(self, group_id: int, group: GroupRecord, session: Session, *, joined: bool) -> None:
         me = _me(session)
         frame = event("group_member", {"group_id": group_id, "user": user_ref(me, session.user_name), "joined": joined})
-        self._hub.push_many((u.id for u, _ in group.members if u.id != me), frame)
+        await self._hub.group_changed(group_id, [u.id for u, _ in group.members if u.id != me], frame)
 
 
 def _me(session: Session) -> int:
