@@ -1,11 +1,17 @@
 """Measure a node against the bare-router baseline in one run; print medians and ratios.
 
     python scripts/perf-report.py --db sqlite --db postgresql=URL [--users 1000] [--runs 3]
+        [--group-size 100 ...] [--login] [--idle 15000] [--plot FILE.png]
 
 For each target (the baseline first, then a node per --db) it runs `clusterchat bench
 direct` closed loop `--runs` times, then open loop at half the median closed-loop rate,
 and prints the median msgs/s, p50 and p99, each node's ratio to the baseline, and the
 server's CPU per message. Every run must lose nothing (bench exits non-zero otherwise).
+
+On the first node (the first --db) it can also run, each `--runs` times: `bench group` for
+each --group-size (deliveries a second), `bench login` (logins a second), and once `bench
+idle` with --idle connections (RSS per connection). --plot draws the first closed-loop
+direct run of that node.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 READY = re.compile(r"listening on tcp://([^:]+):(\d+)")
 
@@ -33,11 +40,12 @@ def start(cmd: list[str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError(f"{cmd[:3]} did not start")
 
 
-def bench(target: str, pid: int, users: int, duration: float, extra: list[str], out: Path) -> dict[str, float]:
-    cmd = ["clusterchat", "bench", "direct", "--target", target, "--users", str(users), "--duration", str(duration),
-           "--server-pid", str(pid), "--quiet", "--json", str(out), *extra]
+def bench(target: str, pid: int, users: int, duration: float, extra: list[str], out: Path,
+          scenario: str = "direct") -> dict[str, Any]:
+    cmd = ["clusterchat", "bench", scenario, "--target", target, "--users", str(users), "--quiet", "--json", str(out),
+           "--server-pid", str(pid), *(["--duration", str(duration)] if scenario != "idle" else []), *extra]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    data = json.loads(out.read_text())
+    data: dict[str, Any] = json.loads(out.read_text())
     return data
 
 
@@ -59,6 +67,10 @@ def main() -> int:
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--duration", type=float, default=10)
+    p.add_argument("--group-size", type=int, action="append", default=[], help="bench group with this size")
+    p.add_argument("--login", action="store_true", help="bench login (logins a second)")
+    p.add_argument("--idle", type=int, default=0, help="bench idle with this many connections")
+    p.add_argument("--plot", default=None, help="PNG of the first closed-loop direct run on the first node")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clusterchat-perf-"))
     targets: list[tuple[str, list[str]]] = [("baseline", ["clusterchat", "bench", "baseline", "--port", "0"])]
@@ -68,14 +80,19 @@ def main() -> int:
         targets.append((name, ["clusterchat", "serve", "--port", "0", "--ws-port", "0", "--db", url,
                                "--rate-limit", "0", "--argon2-memory", "1024", "--log-level", "WARNING"]))
     results: dict[str, dict[str, float]] = {}
+    extras: dict[str, list[str]] = {}
     for name, cmd in targets:
         proc, target = start(cmd, work)
         try:
-            closed = [bench(target, proc.pid, args.users, args.duration, [], work / f"{name}-c{i}.json")
-                      for i in range(args.runs)]
+            first_node = name == targets[1][0]
+            plot = ["--plot", args.plot] if args.plot and first_node else []
+            closed = [bench(target, proc.pid, args.users, args.duration, plot if i == 0 else [],
+                            work / f"{name}-c{i}.json") for i in range(args.runs)]
             rate = statistics.median(pick(d, "msgs_per_s", "throughput.msgs_per_s") for d in closed)
             half = [bench(target, proc.pid, args.users, args.duration, ["--rate", str(int(rate / 2))],
                           work / f"{name}-o{i}.json") for i in range(args.runs)]
+            if first_node:
+                extras[name] = node_extras(args, target, proc.pid, work / name)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -100,7 +117,38 @@ def main() -> int:
               f"{r['us_per_msg']:>6.0f} {r['lost']:>4.0f}")
     print(f"(medians of {args.runs} runs of `clusterchat bench direct --users {args.users} --duration "
           f"{args.duration:g}`, closed loop window 1, then open loop at half that rate; JSON in {work})")
+    for name, lines in extras.items():
+        for line in lines:
+            print(f"{name}: {line}")
     return 0
+
+
+def node_extras(args: argparse.Namespace, target: str, pid: int, out: Path) -> list[str]:
+    """The group, login and idle figures of one node, as lines of text."""
+    lines = []
+    for size in args.group_size:
+        users = max(size * 2, (args.users // size) * size)
+        runs = [bench(target, pid, users, args.duration, ["--group-size", str(size), "--prefix", f"g{size}-"],
+                      out.with_name(f"{out.name}-g{size}-{i}.json"), "group") for i in range(args.runs)]
+        lines.append(
+            f"group of {size} ({users} users): {statistics.median(pick(d, 'deliveries_per_s') for d in runs):,.0f} "
+            f"deliveries/s, {statistics.median(pick(d, 'msgs_per_s') for d in runs):,.0f} msgs/s, p50 "
+            f"{statistics.median(pick(d, 'latency_ms.p50') for d in runs):.1f} ms, p99 "
+            f"{statistics.median(pick(d, 'latency_ms.p99') for d in runs):.1f} ms, lost "
+            f"{sum(pick(d, 'lost') for d in runs):.0f}")
+    if args.login:
+        runs = [bench(target, pid, 200, args.duration, ["--concurrency", "20"],
+                      out.with_name(f"{out.name}-login-{i}.json"), "login") for i in range(args.runs)]
+        lines.append(
+            f"login (200 users, 20 at once): {statistics.median(pick(d, 'logins_per_s') for d in runs):,.1f} "
+            f"logins/s, p50 {statistics.median(pick(d, 'latency_ms.p50') for d in runs):.1f} ms, p99 "
+            f"{statistics.median(pick(d, 'latency_ms.p99') for d in runs):.1f} ms")
+    if args.idle:
+        d = bench(target, pid, args.idle, 0, [], out.with_name(f"{out.name}-idle.json"), "idle")
+        lines.append(f"idle ({args.idle} connections, {d['logged_in']} logged in): "
+                     f"{d['kib_per_session']:.1f} KiB of node RSS per logged-in connection "
+                     f"({d['kib_per_connection']:.1f} KiB per connection before login)")
+    return lines
 
 
 if __name__ == "__main__":
