@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -145,6 +144,7 @@ class MessageWriter:
         self._max_batch = max_batch
         self._loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
         self._queue: deque[OutgoingMessage | AckRequest] = deque()
+        self._storage_errors: tuple[type[Exception], ...] = (DBAPIError, SQLAlchemyError, OSError, *db.driver_errors)
         self._wakeup = asyncio.Event()
         self._closed = False
         self.listeners: list[CommitListener] = []
@@ -224,7 +224,7 @@ class MessageWriter:
         acks = [item for item in batch if isinstance(item, AckRequest)]
         try:
             await self._db.run_write(self._transaction, sends, acks)
-        except (DBAPIError, SQLAlchemyError, OSError) as exc:
+        except self._storage_errors as exc:
             if as_chat_error(exc) is None and len(batch) > 1:
                 # Not an outage but one bad row: write each on its own so only it fails.
                 log.warning("message batch of %d failed (%s); retrying one by one", len(batch), type(exc).__name__)
@@ -258,16 +258,9 @@ class MessageWriter:
             if not a.future.done():
                 a.future.set_result(None)
 
-    def _transaction(self, conn: Connection, sends: list[OutgoingMessage], acks: list[AckRequest]) -> None:
+    def _transaction(self, cursor: Any, sends: list[OutgoingMessage], acks: list[AckRequest]) -> None:
         # Every statement here is compiled once (in __init__) and runs on the driver's own
         # cursor: per batch, SQLAlchemy's execution machinery cost more than the database.
-        cursor = conn.connection.cursor()
-        try:
-            self._transaction_on(cursor, sends, acks)
-        finally:
-            cursor.close()
-
-    def _transaction_on(self, cursor: Any, sends: list[OutgoingMessage], acks: list[AckRequest]) -> None:
         ts = now_ms()
         for s in sends:
             s.stored = None

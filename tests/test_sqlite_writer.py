@@ -1,0 +1,80 @@
+"""The SQLite message-batch path of `Database.run_write`: statements on the event loop, but
+never a wait for the write lock there, and a failed batch leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from clusterchat.storage.engine import Database
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'chat.db'}")
+    await database.upgrade()
+    yield database
+    await database.close()
+
+
+def _counter(cursor: sqlite3.Cursor, name: str) -> int | None:
+    row = cursor.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _insert_and_read(cursor: sqlite3.Cursor) -> int | None:
+    cursor.execute("INSERT INTO counters (name, value) VALUES ('t', 7)")
+    return _counter(cursor, "t")
+
+
+async def test_a_batch_waits_for_another_writer_without_blocking_the_loop(db: Database, tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "chat.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock for half a second
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    beat = asyncio.create_task(heartbeat())
+    started = loop.time()
+    try:
+        value = await db.run_write(_insert_and_read)
+    finally:
+        done.set()
+        await beat
+        other.close()
+    assert value == 7
+    assert loop.time() - started >= 0.45  # it did wait for the lock
+    assert max(gaps) < 0.2, max(gaps)  # and the loop kept running meanwhile
+
+
+async def test_a_failed_batch_is_rolled_back_and_the_next_one_commits(db: Database) -> None:
+    def fail(cursor: sqlite3.Cursor) -> None:
+        cursor.execute("INSERT INTO counters (name, value) VALUES ('gone', 1)")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await db.run_write(fail)
+    assert await db.run_write(lambda cursor: _counter(cursor, "gone")) is None
+    await db.run_write(lambda cursor: cursor.execute("INSERT INTO counters (name, value) VALUES ('kept', 2)"))
+    assert await db.run_write(lambda cursor: _counter(cursor, "kept")) == 2
+
+
+async def test_a_driver_error_reaches_the_caller_and_the_next_batch_works(db: Database) -> None:
+    with pytest.raises(sqlite3.Error):
+        await db.run_write(lambda cursor: cursor.execute("INSERT INTO no_such_table VALUES (1)"))
+    assert sqlite3.Error in db.driver_errors
+    assert await db.run_write(lambda cursor: _counter(cursor, "message_id")) is not None
