@@ -1,5 +1,6 @@
-"""The SQLite message-batch path of `Database.run_write`: statements on the event loop, but
-never a wait for the write lock there, and a failed batch leaves nothing behind."""
+"""The SQLite message-batch path of `Database.run_write`: the wait for another writer's lock
+never stalls the event loop, a failed batch leaves nothing behind, and driver errors reach
+the message writer unwrapped (it treats `db.driver_errors` as storage errors)."""
 
 from __future__ import annotations
 

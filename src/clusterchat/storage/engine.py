@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,20 +86,18 @@ class Database:
             event.listen(self.writer.sync_engine, "connect", _sqlite_writer_connect)
             event.listen(self.writer.sync_engine, "begin", _sqlite_begin_immediate)
             event.listen(self.reader.sync_engine, "connect", _sqlite_reader_connect)
-            # The message writer's transactions run on the event loop, on the stdlib driver: a
-            # batch is a few executemany calls and a commit, and in a thread of their own they
-            # fought the loop for the GIL row by row (~20% more CPU per message, worse p99);
-            # through aiosqlite each statement would wait for a turn of a busy loop. BEGIN
-            # never blocks the loop: when another writer holds the lock, the wait happens in a
-            # thread (see _sqlite_write).
+            # The message writer's transactions run whole in one thread, on the stdlib driver:
+            # through aiosqlite each of their ~10 statements would wait for a turn of a busy
+            # event loop before the next could start. (Running them on the loop itself cost
+            # ~20% less CPU per message but tripled p99 at half load: commits and WAL
+            # checkpoints then stall every connection; see docs/design.md.)
             self._batch_engine: Engine | None = create_engine(
                 self.url.set(drivername="sqlite"), poolclass=QueuePool, pool_size=1, max_overflow=0,
                 connect_args={"timeout": 30, "check_same_thread": False},
             )
             event.listen(self._batch_engine, "connect", _sqlite_writer_connect)
+            event.listen(self._batch_engine, "begin", _sqlite_begin_immediate)
             self._batch_thread: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="sqlite-batch")
-            self._batch_connection: Any = None
-            self._batch_lock = asyncio.Lock()
         else:
             kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
                                       "pool_pre_ping": True, "pool_recycle": 1800}
@@ -127,34 +123,11 @@ class Database:
             return await conn.run_sync(_on_cursor, fn, *args)
 
     async def _sqlite_write(self, engine: Engine, thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        async with self._batch_lock:
-            if self._batch_connection is None:
-                raw = await loop.run_in_executor(thread, engine.raw_connection)
-                # Never wait for the write lock on the loop: a busy BEGIN fails at once, and
-                # is retried in the thread (another connection of this node may hold the lock
-                # across awaits, so waiting here could wait for ourselves).
-                raw.cursor().execute("PRAGMA busy_timeout=0")
-                self._batch_connection = raw
-            raw = self._batch_connection
-            cursor = raw.cursor()
-            try:
-                try:
-                    cursor.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    if not _sqlite_busy(exc):
-                        raise
-                    await loop.run_in_executor(thread, _begin_when_free, cursor)
-                try:
-                    result = fn(cursor, *args)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    if raw.driver_connection.in_transaction:
-                        cursor.execute("ROLLBACK")
-                    raise
-            finally:
-                cursor.close()
-            return result
+        def run() -> T:
+            with engine.begin() as conn:
+                return _on_cursor(conn, fn, *args)
+
+        return await asyncio.get_running_loop().run_in_executor(thread, run)
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to run from several nodes at once."""
@@ -178,9 +151,6 @@ class Database:
 
     async def close(self) -> None:
         if self._batch_engine is not None and self._batch_thread is not None:
-            if self._batch_connection is not None:
-                self._batch_thread.submit(self._batch_connection.close).result()
-                self._batch_connection = None
             self._batch_thread.submit(self._batch_engine.dispose).result()
             self._batch_thread.shutdown()
         await self.writer.dispose()
@@ -206,26 +176,6 @@ def _sqlite_writer_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_reader_connect(dbapi_connection: Any, _record: Any) -> None:
     _sqlite_pragmas(dbapi_connection)
-
-
-SQLITE_BUSY_TIMEOUT = 30.0  # seconds a message batch waits for another writer's lock
-
-
-def _sqlite_busy(exc: sqlite3.OperationalError) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-def _begin_when_free(cursor: Any) -> None:
-    """BEGIN IMMEDIATE on a connection with no busy timeout, retried until the lock is free."""
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
-    while True:
-        try:
-            cursor.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if not _sqlite_busy(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(0.002)
 
 
 def _on_cursor(conn: Connection, fn: Callable[..., T], *args: Any) -> T:
