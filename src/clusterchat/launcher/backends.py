@@ -37,6 +37,7 @@ from clusterchat.launcher.processes import (
     BackendUnavailable,
     ServerProcess,
     ServerStartError,
+    Supervised,
     clean_env,
     free_port,
     is_root,
@@ -78,8 +79,8 @@ def _check_db_name(name: str) -> str:
     return name
 
 
-class _RunningServer:
-    """What every server here offers its supervisor: whether it runs, and a restart in place."""
+class _RunningServer(Supervised):
+    """What every database server here offers its supervisor: whether it runs, and a restart in place."""
 
     name = "server"
     port: int
@@ -87,14 +88,6 @@ class _RunningServer:
     def __init__(self, process: ServerProcess | None, ready: Callable[[int], bool] | None) -> None:
         self._process = process
         self._ready = ready
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def restart(self) -> None:
         """Run the server again on the same port and data (after a crash), and wait until it is ready."""
@@ -395,7 +388,7 @@ def _redis_pings(port: int) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(Supervised):
     """A throw-away Redis server without persistence that can be stopped and restarted.
 
     ``stop()``/``start()`` keep the port (and thus :attr:`url`), so running nodes can be
@@ -410,19 +403,10 @@ class RedisServer:
         self.base_dir = base_dir
         self.log_path = base_dir / "redis.log"
         self.port = 0
-        self._proc: ServerProcess | None = None
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     def _argv(self, port: int) -> list[str]:
         return [
@@ -435,7 +419,7 @@ class RedisServer:
         """Start the server (on a free port the first time, then on the same port again)."""
         if self.running:
             return
-        self._proc, self.port = launch(
+        self._process, self.port = launch(
             "Redis",
             self._argv,
             _redis_pings,
@@ -446,8 +430,8 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, SIGKILL after a timeout); :meth:`start` brings it back."""
-        if self._proc is not None:
-            proc, self._proc = self._proc, None
+        if self._process is not None:
+            proc, self._process = self._process, None
             proc.stop()
 
     def restart(self) -> None:

@@ -35,6 +35,7 @@ from clusterchat.launcher.processes import (
     BackendUnavailable,
     ServerProcess,
     ServerStartError,
+    Supervised,
     free_port,
     log_tail,
     remove_tree,
@@ -259,7 +260,7 @@ def _worker_user() -> str | None:
 # --------------------------------------------------------------------------- the process
 
 
-class NginxServer:
+class NginxServer(Supervised):
     """An nginx master process under our supervision (``daemon off``), its files in ``prefix``."""
 
     name = "nginx"
@@ -277,7 +278,7 @@ class NginxServer:
         self.nodes = list(nodes)
         self.proxy_timeout = proxy_timeout
         self.stream_module = stream_module_path(binary)
-        self._process: ServerProcess | None = None
+        self._process = None
 
     @property
     def tcp_address(self) -> str:
@@ -286,14 +287,6 @@ class NginxServer:
     @property
     def ws_url(self) -> str:
         return f"ws://{_hostport(self.host, self.ws_port)}/ws"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
 
     def config(self) -> str:
         # Workers inherit our open-files limit: ask for no more connections than it allows.

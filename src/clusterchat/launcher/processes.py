@@ -264,6 +264,20 @@ class ServerProcess:
         self.wait_ready(check, timeout)
 
 
+class Supervised:
+    """A server we run through a :class:`ServerProcess` (or not yet, or not here): is it up, its pid."""
+
+    _process: ServerProcess | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+
 def launch(
     name: str,
     make_argv: Callable[[int], Sequence[str]],
