@@ -81,17 +81,8 @@ def measure(name: str, targets: list[str], pids: list[int], redis: psutil.Proces
     closed = [run([], work / f"{name}-c{i}.json") for i in range(args.runs)]
     rate = statistics.median(pick(d, "msgs_per_s") for d, _ in closed)
     half = [run(["--rate", str(int(rate / 2))], work / f"{name}-o{i}.json") for i in range(args.runs)]
-    result = {
-        "closed_msgs_s": rate,
-        "closed_p50": statistics.median(pick(d, "latency_ms.p50") for d, _ in closed),
-        "closed_p99": statistics.median(pick(d, "latency_ms.p99") for d, _ in closed),
-        "half_rate": rate / 2,
-        "half_p50": statistics.median(pick(d, "latency_ms.p50") for d, _ in half),
-        "half_p99": statistics.median(pick(d, "latency_ms.p99") for d, _ in half),
-        "us_per_msg": statistics.median(pick(d, "cpu.server_us_per_msg") for d, _ in closed),
-        "redis_cpu": statistics.median(s for _, s in closed),
-        "lost": sum(pick(d, "lost") for d, _ in closed + half),
-    }
+    result = perf_report.summarize([d for d, _ in closed], [d for d, _ in half])
+    result["redis_cpu"] = statistics.median(s for _, s in closed)
     print(f"{name}: {result}", file=sys.stderr, flush=True)
     return result
 

@@ -61,6 +61,21 @@ def pick(data: dict, *keys: str) -> float:
     raise KeyError(keys)
 
 
+def summarize(closed: list[dict[str, Any]], half: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians of the closed-loop runs and of the half-rate runs of one target, and the total lost."""
+    rate = statistics.median(pick(d, "msgs_per_s") for d in closed)
+    return {
+        "closed_msgs_s": rate,
+        "closed_p50": statistics.median(pick(d, "latency_ms.p50") for d in closed),
+        "closed_p99": statistics.median(pick(d, "latency_ms.p99") for d in closed),
+        "half_rate": rate / 2,
+        "half_p50": statistics.median(pick(d, "latency_ms.p50") for d in half),
+        "half_p99": statistics.median(pick(d, "latency_ms.p99") for d in half),
+        "us_per_msg": statistics.median(pick(d, "cpu.server_us_per_msg") for d in closed),
+        "lost": sum(pick(d, "lost") for d in closed + half),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", action="append", default=[], help="sqlite, or NAME=URL (e.g. postgresql=postgresql://…)")
@@ -88,7 +103,7 @@ def main() -> int:
             plot = ["--plot", args.plot] if args.plot and first_node else []
             closed = [bench(target, proc.pid, args.users, args.duration, plot if i == 0 else [],
                             work / f"{name}-c{i}.json") for i in range(args.runs)]
-            rate = statistics.median(pick(d, "msgs_per_s", "throughput.msgs_per_s") for d in closed)
+            rate = statistics.median(pick(d, "msgs_per_s") for d in closed)
             half = [bench(target, proc.pid, args.users, args.duration, ["--rate", str(int(rate / 2))],
                           work / f"{name}-o{i}.json") for i in range(args.runs)]
             if first_node:
@@ -96,16 +111,7 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(30)
-        results[name] = {
-            "closed_msgs_s": rate,
-            "closed_p50": statistics.median(pick(d, "latency_ms.p50") for d in closed),
-            "closed_p99": statistics.median(pick(d, "latency_ms.p99") for d in closed),
-            "half_rate": rate / 2,
-            "half_p50": statistics.median(pick(d, "latency_ms.p50") for d in half),
-            "half_p99": statistics.median(pick(d, "latency_ms.p99") for d in half),
-            "us_per_msg": statistics.median(pick(d, "cpu.server_us_per_msg") for d in closed),
-            "lost": sum(pick(d, "lost") for d in closed + half),
-        }
+        results[name] = summarize(closed, half)
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
         time.sleep(1)
     base = results["baseline"]["closed_msgs_s"]
