@@ -132,11 +132,10 @@ class ChatNode:
     async def _join_cluster(self) -> None:
         from clusterchat.cluster.hub import ClusterHub
         from clusterchat.cluster.link import ClusterLink
-        from clusterchat.storage.heads import InboxHeads
 
         assert isinstance(self.hub, ClusterHub) and self.placement is not None
         self.hub.kick = self.sessions.kick
-        self.cluster = ClusterLink(self, self.hub, self.placement, InboxHeads(self.db))
+        self.cluster = ClusterLink(self, self.hub, self.placement, self.messages)
         try:
             await self.cluster.start()
         except BaseException:

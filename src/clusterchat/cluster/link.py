@@ -22,7 +22,7 @@ from clusterchat.cluster.presence import OnlineMap
 from clusterchat.cluster.registry import DEAD_AFTER, NodeInfo, Registry
 from clusterchat.cluster.rooms import RoomPlacement
 from clusterchat.errors import Unavailable
-from clusterchat.storage.heads import InboxHeads
+from clusterchat.storage.inbox import MessageStore
 
 if TYPE_CHECKING:
     from clusterchat.node import ChatNode
@@ -33,11 +33,11 @@ START_WITHIN = 15.0  # seconds to reach Redis at start
 
 
 class ClusterLink:
-    def __init__(self, node: ChatNode, hub: ClusterHub, placement: RoomPlacement, heads: InboxHeads) -> None:
+    def __init__(self, node: ChatNode, hub: ClusterHub, placement: RoomPlacement, messages: MessageStore) -> None:
         self._node = node
         self._hub = hub
         self._placement = placement
-        self._heads = heads
+        self._messages = messages
         self._heartbeat: asyncio.Task[None] | None = None
         self._epoch: bytes | str | None = None
 
@@ -143,7 +143,7 @@ class ClusterLink:
         """Every live session gets what its inbox has and it has not seen (the sessions' gap fill)."""
         sessions = [s for s in self._hub.sessions.values() if s.user_id is not None]
         if sessions:
-            heads = await self._heads.last_seqs([s.user_id for s in sessions if s.user_id is not None])
+            heads = await self._messages.last_seqs([s.user_id for s in sessions if s.user_id is not None])
             for session in sessions:
                 if session.user_id is not None and session.user_id in heads:
                     session.catch_up_to(heads[session.user_id])

@@ -118,16 +118,15 @@ class Database:
         `cursor` is the driver's own (DBAPI) cursor: `fn` runs precompiled SQL on it.
         """
         if self._batch_engine is not None and self._batch_thread is not None:
-            return await self._sqlite_write(self._batch_engine, self._batch_thread, fn, *args)
+            engine = self._batch_engine
+
+            def run() -> T:
+                with engine.begin() as conn:
+                    return _on_cursor(conn, fn, *args)
+
+            return await asyncio.get_running_loop().run_in_executor(self._batch_thread, run)
         async with self.writer.begin() as conn:
             return await conn.run_sync(_on_cursor, fn, *args)
-
-    async def _sqlite_write(self, engine: Engine, thread: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        def run() -> T:
-            with engine.begin() as conn:
-                return _on_cursor(conn, fn, *args)
-
-        return await asyncio.get_running_loop().run_in_executor(thread, run)
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to run from several nodes at once."""

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 CMID_WINDOW_MS = 24 * 3600 * 1000
 _CMID_BUCKETS = (1, 4, 16, 64, 256)
 _LOCK_BUCKETS = (1, 4, 16, 64, 256, 1024)
+_HEADS_CHUNK = 500
 _MESSAGE_COLUMNS = ("id", "sender_id", "to_user_id", "group_id", "peer_lo", "peer_hi", "text", "ts")
 
 
@@ -172,11 +173,6 @@ class MessageWriter:
         self._bump_counter = _compile(update(counters).where(where).values(value=counters.c.value + bindparam("k")),
                                       dialect, ("k", "n"))
         self._read_counter = _compile(select(counters.c.value).where(where), dialect, ("n",))
-        self.batches = 0
-        self.items = 0
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
     def send(self, sender_id: int, sender_name: str, *, to_user: int | None, group_id: int | None,
              recipients: Sequence[int], text: str, cmid: str | None) -> asyncio.Future[StoredMessage]:
@@ -243,8 +239,6 @@ class MessageWriter:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
-        self.batches += 1
-        self.items += len(batch)
         fresh = [s for s in sends if s.stored is not None and not s.stored.duplicate]
         for listener in self.listeners:
             try:
@@ -430,9 +424,14 @@ class MessageStore:
         rows.reverse()
         return [InboxMessage(0, *row) for row in rows]
 
-    async def last_seq(self, user_id: int) -> int:
+    async def last_seqs(self, user_ids: Sequence[int]) -> dict[int, int]:
+        """user -> the last seq handed out in its inbox (users without an inbox are left out):
+        what a cluster node reads to catch its sessions up after it could not hear the others."""
+        heads: dict[int, int] = {}
         async with self._db.reader.connect() as conn:
-            value = (await conn.execute(
-                select(inbox_state.c.last_seq).where(inbox_state.c.user_id == user_id)
-            )).scalar_one_or_none()
-        return int(value or 0)
+            for start in range(0, len(user_ids), _HEADS_CHUNK):
+                chunk = list(user_ids[start:start + _HEADS_CHUNK])
+                rows = await conn.execute(
+                    select(inbox_state.c.user_id, inbox_state.c.last_seq).where(inbox_state.c.user_id.in_(chunk)))
+                heads.update((int(row.user_id), int(row.last_seq)) for row in rows)
+        return heads

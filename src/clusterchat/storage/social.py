@@ -60,13 +60,6 @@ class FriendStore:
         async with self._db.reader.connect() as conn:
             return [UserRef(r.id, r.name) for r in await conn.execute(query)]
 
-    async def are_friends(self, a: int, b: int) -> bool:
-        async with self._db.reader.connect() as conn:
-            row = (await conn.execute(select(friendships.c.user_id).where(
-                friendships.c.user_id == a, friendships.c.friend_id == b
-            ))).first()
-        return row is not None
-
     async def pending_for(self, user_id: int) -> list[PendingRequest]:
         query = (
             select(users.c.id, users.c.name, friend_requests.c.note, friend_requests.c.ts)
