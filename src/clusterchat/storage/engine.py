@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import QueuePool
 
 from clusterchat.errors import register_unavailable
+from clusterchat.storage.wal import WalCheckpointer
+from clusterchat.storage.write_thread import Transaction, WriteThread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +33,7 @@ T = TypeVar("T")
 # A lost or refused database connection is "retry later", not a bug.
 register_unavailable(OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
 
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps once it starts over
 MIGRATIONS = Path(__file__).parent / "migrations"
 DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+asyncmy", "mariadb": "mysql+asyncmy",
            "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}  # fmt: skip
@@ -86,29 +88,26 @@ class Database:
             event.listen(self.writer.sync_engine, "connect", _sqlite_writer_connect)
             event.listen(self.writer.sync_engine, "begin", _sqlite_begin_immediate)
             event.listen(self.reader.sync_engine, "connect", _sqlite_reader_connect)
-            # The message writer's transactions run whole in one thread, on the stdlib driver:
-            # through aiosqlite each of their ~10 statements would wait for a turn of a busy
-            # event loop before the next could start. (Running them on the loop itself cost
-            # ~20% less CPU per message but tripled p99 at half load: commits and WAL
-            # checkpoints then stall every connection; see docs/design.md.)
-            self._batch_engine: Engine | None = create_engine(
-                self.url.set(drivername="sqlite"), poolclass=QueuePool, pool_size=1, max_overflow=0,
-                connect_args={"timeout": 30, "check_same_thread": False},
-            )
-            event.listen(self._batch_engine, "connect", _sqlite_writer_connect)
-            event.listen(self._batch_engine, "begin", _sqlite_begin_immediate)
-            self._batch_thread: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="sqlite-batch")
+            # Checkpoints run in a thread of their own, never inside a COMMIT (see wal.py), and
+            # the message writer's transactions in another (see write_thread.py).
+            checkpointer = None
+            if database and database != ":memory:":
+                path = str(Path(database).expanduser())
+                checkpointer = WalCheckpointer(lambda: _sqlite_connection(path, writer=False))
+            self._checkpointer: WalCheckpointer | None = checkpointer
+            self.write_thread: WriteThread | None = WriteThread(
+                lambda: _sqlite_connection(database or ":memory:", writer=True), checkpointer)
         else:
             kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
                                       "pool_pre_ping": True, "pool_recycle": 1800}
             self.writer = create_async_engine(self.url, **kwargs)
             self.reader = self.writer
-            self._batch_engine = None
-            self._batch_thread = None
+            self._checkpointer = None
+            self.write_thread = None
 
         # The message writer runs on the driver's own cursor, so its errors arrive unwrapped:
         # the driver's "cannot reach the database" errors are `unavailable` too.
-        dbapi: Any = (self._batch_engine or self.writer.sync_engine).dialect.dbapi
+        dbapi: Any = sqlite3 if self.is_sqlite else self.writer.sync_engine.dialect.dbapi
         self.driver_errors: tuple[type[Exception], ...] = (dbapi.Error,)
         register_unavailable(*(e for e in (dbapi.OperationalError, getattr(dbapi, "InterfaceError", None)) if e))
 
@@ -117,14 +116,20 @@ class Database:
 
         `cursor` is the driver's own (DBAPI) cursor: `fn` runs precompiled SQL on it.
         """
-        if self._batch_engine is not None and self._batch_thread is not None:
-            engine = self._batch_engine
+        if self.write_thread is not None:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[T] = loop.create_future()
 
-            def run() -> T:
-                with engine.begin() as conn:
-                    return _on_cursor(conn, fn, *args)
+            def job(transaction: Transaction) -> None:
+                try:
+                    result = transaction(fn, *args)
+                except BaseException as exc:
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
+                else:
+                    loop.call_soon_threadsafe(_settle, future, result, None)
 
-            return await asyncio.get_running_loop().run_in_executor(self._batch_thread, run)
+            self.write_thread.submit(job)
+            return await future
         async with self.writer.begin() as conn:
             return await conn.run_sync(_on_cursor, fn, *args)
 
@@ -149,9 +154,10 @@ class Database:
         command.upgrade(config, "head")
 
     async def close(self) -> None:
-        if self._batch_engine is not None and self._batch_thread is not None:
-            self._batch_thread.submit(self._batch_engine.dispose).result()
-            self._batch_thread.shutdown()
+        if self.write_thread is not None:
+            await asyncio.to_thread(self.write_thread.close)
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.close)
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
@@ -171,6 +177,28 @@ def _sqlite_pragmas(dbapi_connection: Any) -> None:
 def _sqlite_writer_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
     _sqlite_pragmas(dbapi_connection)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA wal_autocheckpoint=0")  # WalCheckpointer's thread does it (see wal.py)
+    cursor.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+    cursor.close()
+
+
+def _sqlite_connection(path: str, *, writer: bool) -> sqlite3.Connection:
+    """A stdlib connection for a thread of our own: autocommit unless we BEGIN, our pragmas."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    if writer:
+        _sqlite_writer_connect(conn, None)
+    else:
+        _sqlite_pragmas(conn)
+    return conn
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if not future.done():
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
 
 
 def _sqlite_reader_connect(dbapi_connection: Any, _record: Any) -> None:
