@@ -111,7 +111,8 @@ class ChatNode:
         self.groups = GroupService(group_store, self.hub)
         self.chat = MessageService(self.writer, self.messages, self.groups, self.accounts)
         self.sessions = SessionService(self.accounts, self.friends, friend_store, self.groups, self.messages,
-                                       self.hub, reject_duplicates=config.duplicate_login == "reject")
+                                       self.writer, self.hub, reject_duplicates=config.duplicate_login == "reject")
+        self.sessions.on_end.append(lambda _session: self.writer.save_acks())
         self.hub.group_listeners.append(self.groups.forget)
         self._writer_task = self.loop.create_task(self.writer.run(), name="message-writer")
 
@@ -237,7 +238,8 @@ class ChatNode:
             case GroupSend():
                 return self.chat.group_send(s, req)
             case Ack(seq=seq):
-                return self.chat.ack(s, seq)
+                self.chat.ack(s, seq)
+                return None
             case Ping():
                 return {"ts": now_ms()}
             case Register(name=name, password=password):

@@ -55,9 +55,9 @@ class MessageService:
         return self._writer.send(me, session.user_name, to_user=None, group_id=req.group_id,
                                  recipients=recipients, text=req.text, cmid=req.cmid)
 
-    def ack(self, session: Session, seq: int) -> asyncio.Future[None]:
+    def ack(self, session: Session, seq: int) -> None:
         assert session.user_id is not None
-        return self._writer.ack(session.user_id, seq)
+        self._writer.ack(session.user_id, seq)
 
     async def sync(self, session: Session, after: int, limit: int) -> dict[str, Any]:
         assert session.user_id is not None

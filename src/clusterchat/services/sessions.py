@@ -12,7 +12,7 @@ from clusterchat.protocol.requests import Login
 from clusterchat.services.accounts import AccountService
 from clusterchat.services.hub import Hub
 from clusterchat.services.social import FriendService, GroupService
-from clusterchat.storage.inbox import MessageStore
+from clusterchat.storage.inbox import MessageStore, MessageWriter
 from clusterchat.storage.social import FriendStore
 
 if TYPE_CHECKING:
@@ -25,12 +25,14 @@ OFFLINE_LIMIT = 500
 
 class SessionService:
     def __init__(self, accounts: AccountService, friends: FriendService, friend_store: FriendStore,
-                 groups: GroupService, messages: MessageStore, hub: Hub, *, reject_duplicates: bool) -> None:
+                 groups: GroupService, messages: MessageStore, writer: MessageWriter, hub: Hub, *,
+                 reject_duplicates: bool) -> None:
         self._accounts = accounts
         self._friends = friends
         self._friend_store = friend_store
         self._groups = groups
         self._messages = messages
+        self._writer = writer
         self._hub = hub
         self._reject_duplicates = reject_duplicates
         # Called with a session just before it stops being its user's (logout, kick, disconnect).
@@ -78,6 +80,7 @@ class SessionService:
             session.friends = {f.id for f in friends}
             groups = await self._groups.groups_of(user.id)
             requests = await self._friend_store.pending_for(user.id)
+            await self._writer.acks_saved(user.id)  # an ack of the session it replaced
             page = await self._messages.unacked(user.id, OFFLINE_LIMIT)
             online = await self._hub.online_among(session.friends)
         except BaseException:
