@@ -450,8 +450,9 @@ class MessageWriter:
                 twin.stored = StoredMessage(original.stored.id, ts, [], duplicate=True)
 
         if ack_seq:
-            # Never past the last seq handed out: an ack of the future acknowledges nothing.
-            acked = [(u, min(seq, last_seq.get(u, 0))) for u, seq in ack_seq.items()]
+            # Never past the last seq handed out before this batch: an ack of the future
+            # acknowledges nothing, not even a message of this batch (nobody has seen it yet).
+            acked = [(u, min(seq, start.get(u, 0))) for u, seq in ack_seq.items()]
             self._set_acked.run(cursor, [(seq, u, seq) for u, seq in acked])
 
     def _reserve_ids(self, cursor: Any, n: int) -> list[int]:
