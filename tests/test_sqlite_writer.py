@@ -79,3 +79,33 @@ async def test_a_driver_error_reaches_the_caller_and_the_next_batch_works(db: Da
         await db.run_write(lambda cursor: cursor.execute("INSERT INTO no_such_table VALUES (1)"))
     assert sqlite3.Error in db.driver_errors
     assert await db.run_write(lambda cursor: _counter(cursor, "message_id")) is not None
+
+
+async def test_the_writer_leaves_checkpoints_to_their_thread_and_the_wal_stays_bounded(
+        db: Database, tmp_path: Path) -> None:
+    assert await db.run_write(lambda cursor: cursor.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+    checkpointer = db._checkpointer
+    assert checkpointer is not None
+    checkpointer.rewind_frames = 64  # rewind at 256 KiB instead of 64 MiB
+    wal = tmp_path / "chat.db-wal"
+    text = "x" * 200
+
+    def insert(cursor: sqlite3.Cursor, batch: int) -> None:
+        cursor.executemany("INSERT INTO counters (name, value) VALUES (?, ?)",
+                           [(f"{batch}-{i}-{text}", i) for i in range(100)])
+
+    largest = 0
+    for batch in range(300):  # ~30 pages a batch: ~9,000 pages (36 MiB) if the WAL never started over
+        await db.run_write(insert, batch)
+        largest = max(largest, wal.stat().st_size)
+        if batch % 20 == 0:
+            await asyncio.sleep(0.15)  # let the checkpointer run now and then, as a live node does
+    assert checkpointer.checkpoints > 0
+    assert largest < 8 * 1024 * 1024, largest
+    count = await db.run_write(lambda cursor: cursor.execute("SELECT count(*) FROM counters").fetchone()[0])
+    assert count >= 300 * 100
+    await db.close()
+    check = sqlite3.connect(tmp_path / "chat.db")
+    assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert check.execute("SELECT count(*) FROM counters").fetchone()[0] == count
+    check.close()
