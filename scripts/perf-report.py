@@ -1,6 +1,6 @@
 """Measure a node against the bare-router baseline in one run; print medians and ratios.
 
-    python scripts/perf-report.py --db sqlite --db postgresql=URL [--users 1000] [--runs 3]
+    python scripts/perf-report.py --db sqlite --db postgresql=URL [--users 1000] [--runs 3] [--window 1]
         [--group-size 100 ...] [--login] [--idle 15000] [--plot FILE.png]
 
 For each target (the baseline first, then a node per --db) it runs `clusterchat bench
@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--duration", type=float, default=10)
+    p.add_argument("--window", type=int, default=1, help="closed loop: sends each user keeps outstanding")
     p.add_argument("--group-size", type=int, action="append", default=[], help="bench group with this size")
     p.add_argument("--login", action="store_true", help="bench login (logins a second)")
     p.add_argument("--idle", type=int, default=0, help="bench idle with this many connections")
@@ -101,7 +102,8 @@ def main() -> int:
         try:
             first_node = name == targets[1][0]
             plot = ["--plot", args.plot] if args.plot and first_node else []
-            closed = [bench(target, proc.pid, args.users, args.duration, plot if i == 0 else [],
+            window = ["--window", str(args.window)]
+            closed = [bench(target, proc.pid, args.users, args.duration, window + (plot if i == 0 else []),
                             work / f"{name}-c{i}.json") for i in range(args.runs)]
             rate = statistics.median(pick(d, "msgs_per_s") for d in closed)
             half = [bench(target, proc.pid, args.users, args.duration, ["--rate", str(int(rate / 2))],
@@ -122,7 +124,7 @@ def main() -> int:
               f"{r['closed_p99']:>8.1f} | {r['half_rate']:>9,.0f} {r['half_p50']:>8.1f} {r['half_p99']:>8.1f} | "
               f"{r['us_per_msg']:>6.0f} {r['lost']:>4.0f}")
     print(f"(medians of {args.runs} runs of `clusterchat bench direct --users {args.users} --duration "
-          f"{args.duration:g}`, closed loop window 1, then open loop at half that rate; JSON in {work})")
+          f"{args.duration:g}`, closed loop window {args.window}, then open loop at half that rate; JSON in {work})")
     for name, lines in extras.items():
         for line in lines:
             print(f"{name}: {line}")

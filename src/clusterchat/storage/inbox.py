@@ -238,12 +238,12 @@ class MessageWriter:
 
     def save_acks(self) -> None:
         """Store the acks waiting now, without waiting for a message to carry them."""
-        if self._unsaved:
+        if self._unsaved and not self._closed:  # close() stores them
             self._wake()
 
     async def acks_saved(self, user_id: int) -> None:
         """Return once `user_id`'s acks so far are committed (a login reads its inbox after this)."""
-        if user_id not in self._unsaved:
+        if user_id not in self._unsaved or self._closed:
             return
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._ack_waiters.setdefault(user_id, []).append(waiter)
