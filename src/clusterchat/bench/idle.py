@@ -75,8 +75,18 @@ def find_server_pid(port: int) -> int | None:
 
 
 def server_rss(proc: psutil.Process | None) -> int | None:
+    """The server's resident anonymous memory (heap, stacks): on Linux `RssAnon`, leaving out
+    the file pages it maps (SQLite maps its database, and those pages come and go with
+    checkpoints, megabytes at a time); elsewhere the whole RSS."""
     if proc is None:
         return None
+    try:
+        with open(f"/proc/{proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(proc.memory_info().rss)
     except psutil.Error:
