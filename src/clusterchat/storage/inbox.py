@@ -230,9 +230,14 @@ class MessageWriter:
         if seq <= self._unsaved.get(user_id, 0):
             return
         self._unsaved[user_id] = seq
+        self._queue_acks({user_id: seq})
+
+    def _queue_acks(self, acks: dict[int, int]) -> None:
+        """Hand acks to the next batch (keeping each user's highest); one is due within ACK_DELAY."""
         with self._lock:
-            if seq > self._acks.get(user_id, 0):
-                self._acks[user_id] = seq
+            for user_id, seq in acks.items():
+                if seq > self._acks.get(user_id, 0):
+                    self._acks[user_id] = seq
         if self._ack_timer is None:
             self._ack_timer = self._loop.call_later(ACK_DELAY, self._acks_due)
 
@@ -395,12 +400,7 @@ class MessageWriter:
     def _acks_failed(self, acks: dict[int, int], error: Exception) -> None:
         """Acks that could not be stored wait for the next batch; a login waiting for them fails."""
         if not self._closed:
-            with self._lock:
-                for user_id, seq in acks.items():
-                    if seq > self._acks.get(user_id, 0):
-                        self._acks[user_id] = seq
-            if self._ack_timer is None:
-                self._ack_timer = self._loop.call_later(ACK_DELAY, self._acks_due)
+            self._queue_acks(acks)
         for user_id in acks:
             for waiter in self._ack_waiters.pop(user_id, ()):
                 if not waiter.done():

@@ -2,8 +2,8 @@
 
 SQLite's own auto-checkpoint runs inside the COMMIT that crosses its threshold: the
 message writer then copies a whole batch's pages into the database file (and fsyncs it)
-before it can reply, which measured as ~60% of the writer's time and the node's worst
-latency spikes. The writer connections therefore run with `wal_autocheckpoint=0`, and
+before it can reply, which measured as ~60% of COMMIT time and the node's worst latency
+spikes. The writer connections therefore run with `wal_autocheckpoint=0`, and
 this thread, on a connection of its own, runs PASSIVE checkpoints after commits: they
 copy what is in the WAL without blocking the writer or readers (SQLite releases the
 GIL while it copies).
@@ -43,7 +43,6 @@ class WalCheckpointer:
         self._stopped = False
         self.rewind_due = False
         self.checkpoints = 0
-        self.wal_frames = 0  # frames in the WAL at the last checkpoint
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
 
@@ -90,5 +89,4 @@ class WalCheckpointer:
         busy, frames, _copied = row
         self.checkpoints += 1
         if not busy:
-            self.wal_frames = frames
             self.rewind_due = frames > self.rewind_frames

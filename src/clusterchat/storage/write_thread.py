@@ -8,8 +8,8 @@ Jobs run one after another. A job is handed `transaction`, which runs `fn(cursor
 between BEGIN IMMEDIATE and COMMIT (ROLLBACK when it raises). A job may run several
 transactions: the message writer's job keeps taking batches off its queue until the
 queue is empty, so the thread never waits for a turn of the event loop between two
-batches (measured: handing each batch to an executor and back cost ~20% of the
-writer's time at 4,000 messages a second, in thread wake-ups and waits for the GIL).
+batches (measured: handing each batch to an executor and back cost ~14% of the
+writer's wall time at 4,000 messages a second, in thread wake-ups and waits for the GIL).
 """
 
 from __future__ import annotations
