@@ -102,8 +102,9 @@ class ChatNode:
             self.hub = Hub()
         users, tokens = UserStore(self.db), TokenStore(self.db)
         friend_store, group_store = FriendStore(self.db), GroupStore(self.db)
-        self.messages = MessageStore(self.db)
         self.writer = MessageWriter(self.db)
+        await self.writer.open()
+        self.messages = MessageStore(self.db, self.writer)
         self.writer.listeners.append(self.hub.on_commit)
         self.accounts = AccountService(users, tokens, make_hasher(config.argon2_memory_kib, config.argon2_time_cost),
                                        self.executor, config.token_ttl)

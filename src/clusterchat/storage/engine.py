@@ -91,12 +91,13 @@ class Database:
             # Checkpoints run in a thread of their own, never inside a COMMIT (see wal.py), and
             # the message writer's transactions in another (see write_thread.py).
             checkpointer = None
+            self.sqlite_file: str | None = None
             if database and database != ":memory:":
-                path = str(Path(database).expanduser())
-                checkpointer = WalCheckpointer(lambda: _sqlite_connection(path, writer=False))
+                path = self.sqlite_file = str(Path(database).expanduser())
+                checkpointer = WalCheckpointer(lambda: sqlite_connection(path, writer=False))
             self._checkpointer: WalCheckpointer | None = checkpointer
             self.write_thread: WriteThread | None = WriteThread(
-                lambda: _sqlite_connection(database or ":memory:", writer=True), checkpointer)
+                lambda: sqlite_connection(database or ":memory:", writer=True), checkpointer)
         else:
             kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
                                       "pool_pre_ping": True, "pool_recycle": 1800}
@@ -104,6 +105,7 @@ class Database:
             self.reader = self.writer
             self._checkpointer = None
             self.write_thread = None
+            self.sqlite_file = None
 
         # The message writer runs on the driver's own cursor, so its errors arrive unwrapped:
         # the driver's "cannot reach the database" errors are `unavailable` too.
@@ -183,7 +185,7 @@ def _sqlite_writer_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_connection(path: str, *, writer: bool) -> sqlite3.Connection:
+def sqlite_connection(path: str, *, writer: bool) -> sqlite3.Connection:
     """A stdlib connection for a thread of our own: autocommit unless we BEGIN, our pragmas."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     if writer:

@@ -17,143 +17,47 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Insert, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from clusterchat.clock import now_ms
 from clusterchat.errors import Unavailable, as_chat_error
+from clusterchat.storage.bulk import (
+    CMID_BUCKETS,
+    LOCK_BUCKETS,
+    Bulk,
+    MessageStatements,
+    buckets,
+    compile_cmid_lookup,
+    compile_lock_states,
+    compile_sql,
+)
 from clusterchat.storage.engine import Database
+from clusterchat.storage.msglog import MessageLog
+from clusterchat.storage.records import (
+    CMID_WINDOW_MS,
+    InboxMessage,
+    OutgoingMessage,
+    StoredMessage,
+    deliveries,
+    message_row,
+    split_retries,
+)
 from clusterchat.storage.schema import counters, inbox, inbox_state, message_cmids, messages, users
 from clusterchat.storage.write_thread import Transaction
 
 log = logging.getLogger(__name__)
 
-CMID_WINDOW_MS = 24 * 3600 * 1000
-_CMID_BUCKETS = (1, 4, 16, 64, 256)
-_LOCK_BUCKETS = (1, 4, 16, 64, 256, 1024)
 ACK_DELAY = 0.05  # seconds an ack waits for a message batch to carry it before it is stored alone
-_SQLITE_MAX_VARIABLES = 999  # the lowest limit of SQLite builds still about (before 3.32)
 _HEADS_CHUNK = 500
-_MESSAGE_COLUMNS = ("id", "sender_id", "to_user_id", "group_id", "peer_lo", "peer_hi", "text", "ts")
-
-
-@dataclass(slots=True)
-class StoredMessage:
-    """A committed message: its id and ts, and the (user, seq) of each delivery."""
-
-    id: int
-    ts: int
-    deliveries: list[tuple[int, int]]
-    duplicate: bool = False
-
-
-@dataclass(slots=True)
-class OutgoingMessage:
-    sender_id: int
-    sender_name: str
-    to_user: int | None
-    group_id: int | None
-    recipients: Sequence[int]
-    text: str
-    cmid: str | None
-    future: asyncio.Future[StoredMessage] = field(repr=False)
-    stored: StoredMessage | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InboxMessage:
-    seq: int
-    id: int
-    sender_id: int
-    sender_name: str
-    to_user: int | None
-    group_id: int | None
-    text: str
-    ts: int
 
 
 CommitListener = Callable[[Sequence[OutgoingMessage]], None]
-
-
-class _Bulk:
-    """A Core statement compiled once for the dialect, executed with plain tuples.
-
-    The batch statements run with hundreds of rows; SQLAlchemy's per-row parameter
-    processing costs more than the database does, so the rows go to the driver's
-    cursor as tuples in the compiled statement's own parameter order. Still parameterized.
-
-    On SQLite an INSERT of many rows runs as a few multi-row INSERTs (chunks of powers of
-    two): the driver's `executemany` lets go of the GIL around every row, and in the writer
-    thread each row then waited for the event loop to hand it back.
-    """
-
-    def __init__(self, statement: Any, dialect: Any, order: tuple[str, ...]) -> None:
-        self.sql = _compile(statement, dialect, order)
-        self._chunks: list[tuple[int, str]] = []  # (rows, SQL), largest first
-        if dialect.name == "sqlite" and isinstance(statement, Insert):
-            row = "(" + ", ".join("?" * len(order)) + ")"
-            if not self.sql.endswith("VALUES " + row):
-                raise RuntimeError(f"unexpected INSERT form {self.sql}")
-            rows = 1
-            while rows * 2 * len(order) <= _SQLITE_MAX_VARIABLES:
-                rows *= 2
-            while rows > 1:
-                self._chunks.append((rows, self.sql + (", " + row) * (rows - 1)))
-                rows //= 2
-
-    def run(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        start = 0
-        for size, sql in self._chunks:
-            while len(rows) - start >= size:
-                cursor.execute(sql, [value for row in rows[start:start + size] for value in row])
-                start += size
-        if start < len(rows):
-            cursor.executemany(self.sql, rows[start:])
-
-
-def _compile(statement: Any, dialect: Any, order: tuple[str, ...]) -> str:
-    """`statement` as the driver's SQL, checked to take its parameters in `order`."""
-    compiled = statement.compile(dialect=dialect)
-    if tuple(compiled.positiontup or ()) != order:
-        raise RuntimeError(f"unexpected parameter order {compiled.positiontup} for {order}")
-    return str(compiled)
-
-
-def _compile_cmid_lookup(size: int, dialect: Any) -> str:
-    c = message_cmids.c
-    query = select(c.sender_id, c.cmid, c.message_id, c.ts).where(
-        or_(*(and_(c.sender_id == bindparam(f"s{i}"), c.cmid == bindparam(f"c{i}")) for i in range(size)))
-    )
-    return _compile(query, dialect, tuple(name for i in range(size) for name in (f"s{i}", f"c{i}")))
-
-
-def _compile_lock_states(size: int, dialect: Any) -> str:
-    """SELECT … FOR UPDATE of `size` inbox_state rows, in user-id order."""
-    names = tuple(f"u{i}" for i in range(size))
-    query = (
-        select(inbox_state.c.user_id, inbox_state.c.last_seq)
-        .where(inbox_state.c.user_id.in_([bindparam(n) for n in names]))
-        .order_by(inbox_state.c.user_id)
-        .with_for_update()
-    )
-    return _compile(query, dialect, names)
-
-
-def _buckets(items: Sequence[Any], buckets: tuple[int, ...]) -> Iterable[tuple[int, list[Any]]]:
-    """`items` in chunks of at most the largest bucket, each padded (by repeating its last
-    item) to the smallest bucket that holds it: a handful of statement shapes, compiled once."""
-    largest = buckets[-1]
-    for i in range(0, len(items), largest):
-        chunk = list(items[i:i + largest])
-        size = next(b for b in buckets if b >= len(chunk))
-        yield size, chunk + [chunk[-1]] * (size - len(chunk))
 
 
 class MessageWriter:
@@ -182,35 +86,37 @@ class MessageWriter:
         self._storage_errors: tuple[type[Exception], ...] = (DBAPIError, SQLAlchemyError, OSError, *db.driver_errors)
         self._wakeup = asyncio.Event()
         self._closed = False
-        self._thread = db.write_thread
+        # On an SQLite file the batches go to its message log first (see msglog.py).
+        self._log = MessageLog(db) if db.sqlite_file is not None else None
+        self._thread = self._log.thread if self._log is not None else db.write_thread
         self._lock = threading.Lock()  # guards _draining against the writer thread
         self._draining = False  # a drain job is queued or running in the writer thread
         self._drained: asyncio.Future[None] = self._loop.create_future()
         self.listeners: list[CommitListener] = []
         dialect = db.writer.dialect
-        self._insert_message = _Bulk(
-            insert(messages).values({c: bindparam(c) for c in _MESSAGE_COLUMNS}), dialect, _MESSAGE_COLUMNS)
-        self._insert_inbox = _Bulk(
-            insert(inbox).values(user_id=bindparam("u"), seq=bindparam("s"), message_id=bindparam("m")),
-            dialect, ("u", "s", "m"))
-        self._set_last_seq = _Bulk(
-            update(inbox_state).where(inbox_state.c.user_id == bindparam("u")).values(last_seq=bindparam("s")),
-            dialect, ("s", "u"))
-        self._set_acked = _Bulk(
-            update(inbox_state).where(inbox_state.c.user_id == bindparam("u"), inbox_state.c.acked_seq < bindparam("a"))
-            .values(acked_seq=bindparam("s")), dialect, ("s", "u", "a"))
-        self._insert_cmid = _Bulk(
+        self._sql = MessageStatements(dialect)
+        self._insert_cmid = Bulk(
             insert(message_cmids).values(sender_id=bindparam("u"), cmid=bindparam("c"), message_id=bindparam("m"),
                                          ts=bindparam("t")), dialect, ("u", "c", "m", "t"))
-        self._delete_cmid = _Bulk(
+        self._delete_cmid = Bulk(
             delete(message_cmids).where(message_cmids.c.sender_id == bindparam("u"),
                                         message_cmids.c.cmid == bindparam("c")), dialect, ("u", "c"))
-        self._cmid_lookup = {size: _compile_cmid_lookup(size, dialect) for size in _CMID_BUCKETS}
-        self._lock_states = {size: _compile_lock_states(size, dialect) for size in _LOCK_BUCKETS}
+        self._cmid_lookup = {size: compile_cmid_lookup(size, dialect) for size in CMID_BUCKETS}
+        self._lock_states = {size: compile_lock_states(size, dialect) for size in LOCK_BUCKETS}
         where = counters.c.name == bindparam("n")
-        self._bump_counter = _compile(update(counters).where(where).values(value=counters.c.value + bindparam("k")),
+        self._bump_counter = compile_sql(update(counters).where(where).values(value=counters.c.value + bindparam("k")),
                                       dialect, ("k", "n"))
-        self._read_counter = _compile(select(counters.c.value).where(where), dialect, ("n",))
+        self._read_counter = compile_sql(select(counters.c.value).where(where), dialect, ("n",))
+
+    async def open(self) -> None:
+        """Before the first send or read: on SQLite, apply what the message log kept from a crash."""
+        if self._log is not None:
+            await self._log.recover()
+
+    async def applied(self) -> None:
+        """Return once every message committed so far can be read from the tables (reads call this)."""
+        if self._log is not None:
+            await self._log.applied_all()
 
     def send(self, sender_id: int, sender_name: str, *, to_user: int | None, group_id: int | None,
              recipients: Sequence[int], text: str, cmid: str | None) -> asyncio.Future[StoredMessage]:
@@ -273,6 +179,8 @@ class MessageWriter:
         """Write batches until closed and drained."""
         if self._thread is not None:
             await self._drained  # the thread writes; this waits for the end (see close)
+            if self._log is not None:
+                await self._log.close()
             return
         while True:
             if not self._queue and not self._acks:
@@ -325,7 +233,10 @@ class MessageWriter:
     def _store(self, transaction: Transaction, sends: list[OutgoingMessage], acks: dict[int, int]) -> None:
         started = time.perf_counter()
         try:
-            transaction(self._transaction, sends, acks)
+            if self._log is not None:
+                self._log.write(transaction, sends, acks)
+            else:
+                transaction(self._transaction, sends, acks)
         except Exception as exc:
             if self._retry_singly(exc, sends, acks):
                 for s in sends:
@@ -416,33 +327,23 @@ class MessageWriter:
 
         lock_ids = sorted({r for s in fresh for r in s.recipients} | set(ack_seq))
         last_seq: dict[int, int] = {}
-        for size, chunk in _buckets(lock_ids, _LOCK_BUCKETS):
+        for size, chunk in buckets(lock_ids, LOCK_BUCKETS):
             cursor.execute(self._lock_states[size], tuple(chunk))
             last_seq.update(cursor.fetchall())
         start = dict(last_seq)
 
         if fresh:
             ids = self._reserve_ids(cursor, len(fresh))
-            message_rows = []
-            inbox_rows = []
+            message_rows: list[tuple[Any, ...]] = []
+            inbox_rows: list[tuple[int, int, int]] = []
             for s, message_id in zip(fresh, ids, strict=True):
-                lo = hi = None
-                if s.to_user is not None:
-                    lo, hi = min(s.sender_id, s.to_user), max(s.sender_id, s.to_user)
-                message_rows.append((message_id, s.sender_id, s.to_user, s.group_id, lo, hi, s.text, ts))
-                deliveries = []
-                for user_id in s.recipients:
-                    seq = last_seq.get(user_id)
-                    if seq is None:
-                        continue  # no such user any more: nothing to deliver
-                    seq += 1
-                    last_seq[user_id] = seq
-                    deliveries.append((user_id, seq))
-                    inbox_rows.append((user_id, seq, message_id))
-                s.stored = StoredMessage(message_id, ts, deliveries)
-            self._insert_message.run(cursor, message_rows)
-            self._insert_inbox.run(cursor, inbox_rows)
-            self._set_last_seq.run(cursor, [(seq, u) for u, seq in last_seq.items() if seq != start[u]])
+                message_rows.append(message_row(message_id, s.sender_id, s.to_user, s.group_id, s.text, ts))
+                delivered = deliveries(s.recipients, last_seq)
+                inbox_rows.extend((user_id, seq, message_id) for user_id, seq in delivered)
+                s.stored = StoredMessage(message_id, ts, delivered)
+            self._sql.insert_message.run(cursor, message_rows)
+            self._sql.insert_inbox.run(cursor, inbox_rows)
+            self._sql.set_last_seq.run(cursor, [(seq, u, seq) for u, seq in last_seq.items() if seq != start[u]])
             self._insert_cmid.run(cursor, [(s.sender_id, s.cmid, s.stored.id, ts) for s in fresh
                                          if s.cmid is not None and s.stored is not None])
             for twin, original in twins:
@@ -453,7 +354,7 @@ class MessageWriter:
             # Never past the last seq handed out before this batch: an ack of the future
             # acknowledges nothing, not even a message of this batch (nobody has seen it yet).
             acked = [(u, min(seq, start.get(u, 0))) for u, seq in ack_seq.items()]
-            self._set_acked.run(cursor, [(seq, u, seq) for u, seq in acked])
+            self._sql.set_acked.run(cursor, [(seq, u, seq) for u, seq in acked])
 
     def _reserve_ids(self, cursor: Any, n: int) -> list[int]:
         """`n` message ids from the `message_id` counter, whose row stays locked until commit.
@@ -483,7 +384,7 @@ class MessageWriter:
         # every combination, and SQLite answers `(sender, cmid) IN (VALUES …)` by
         # scanning the whole table.
         pairs = sorted({(s.sender_id, s.cmid) for s in keyed if s.cmid is not None})
-        for size, padded in _buckets(pairs, _CMID_BUCKETS):
+        for size, padded in buckets(pairs, CMID_BUCKETS):
             cursor.execute(self._cmid_lookup[size], tuple(v for pair in padded for v in pair))
             found = {tuple(row) for row in cursor.fetchall()}  # padding repeats a pair
             for sender_id, cmid, message_id, row_ts in found:
@@ -493,23 +394,7 @@ class MessageWriter:
                     expired.append((sender_id, cmid))
         if expired:
             self._delete_cmid.run(cursor, expired)
-        fresh: list[OutgoingMessage] = []
-        twins: list[tuple[OutgoingMessage, OutgoingMessage]] = []
-        first_in_batch: dict[tuple[int, str], OutgoingMessage] = {}
-        for s in sends:
-            if s.cmid is None:
-                fresh.append(s)
-                continue
-            key = (s.sender_id, s.cmid)
-            if key in known:
-                mid, mts = known[key]
-                s.stored = StoredMessage(mid, mts, [], duplicate=True)
-            elif key in first_in_batch:
-                twins.append((s, first_in_batch[key]))
-            else:
-                first_in_batch[key] = s
-                fresh.append(s)
-        return fresh, twins
+        return split_retries(sends, known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,8 +408,13 @@ class InboxPage:
 class MessageStore:
     """Reads of inboxes and conversations."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, writer: MessageWriter | None = None) -> None:
         self._db = db
+        self._writer = writer
+
+    async def _settled(self) -> None:
+        if self._writer is not None:
+            await self._writer.applied()
 
     async def unacked(self, user_id: int, limit: int) -> InboxPage:
         """The oldest `limit` messages not yet acknowledged (the `offline` of a login)."""
@@ -532,6 +422,7 @@ class MessageStore:
 
     async def since(self, user_id: int, after: int | None, limit: int) -> InboxPage:
         """The messages with seq > `after` (> the acknowledged seq when None), oldest first."""
+        await self._settled()
         async with self._db.reader.connect() as conn:
             state = (await conn.execute(
                 select(inbox_state.c.last_seq, inbox_state.c.acked_seq).where(inbox_state.c.user_id == user_id)
@@ -570,6 +461,7 @@ class MessageStore:
                                 messages.c.peer_hi == max(user_id, peer))
         if before is not None:
             query = query.where(messages.c.id < before)
+        await self._settled()
         async with self._db.reader.connect() as conn:
             rows = list(await conn.execute(query))
         rows.reverse()
@@ -579,6 +471,7 @@ class MessageStore:
         """user -> the last seq handed out in its inbox (users without an inbox are left out):
         what a cluster node reads to catch its sessions up after it could not hear the others."""
         heads: dict[int, int] = {}
+        await self._settled()
         async with self._db.reader.connect() as conn:
             for start in range(0, len(user_ids), _HEADS_CHUNK):
                 chunk = list(user_ids[start:start + _HEADS_CHUNK])

@@ -38,14 +38,15 @@ Job = Callable[[Transaction], None]
 class WriteThread:
     """One thread, one write connection, jobs in order."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], checkpointer: WalCheckpointer | None) -> None:
+    def __init__(self, connect: Callable[[], sqlite3.Connection], checkpointer: WalCheckpointer | None, *,
+                 name: str = "sqlite-writer") -> None:
         self._connect = connect
         self._checkpointer = checkpointer
         self._conn: sqlite3.Connection | None = None
         self._jobs: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
