@@ -248,3 +248,26 @@ async def test_the_log_keeps_only_what_is_not_yet_applied(node: Node, path: Path
     assert len(_logged(path)) == 1
     await node.writer.applied()
     assert _tables(path)[-1][0] == last.id
+
+
+async def test_a_close_that_cannot_apply_leaves_the_batches_for_the_next_start(
+        node: Node, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(msglog, "APPLY_DELAY", 60.0)
+
+    def broken_apply(self: msglog.MessageLog, cursor: Any, batches: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    real_apply = msglog.MessageLog._apply
+    monkeypatch.setattr(msglog.MessageLog, "_apply", broken_apply)
+    sent = await node.send(1, 2, "kept")
+    writer = node.writer
+    await node.close()  # logs a warning, does not hang
+    assert _tables(path) == [] and len(_logged(path)) == 1
+    with pytest.raises(Unavailable):  # a late read fails at once rather than waiting forever
+        await asyncio.wait_for(writer.applied(), 5)
+
+    monkeypatch.setattr(msglog.MessageLog, "_apply", real_apply)
+    again = await Node(Database(f"sqlite:///{path}")).open()
+    page = await again.store.since(2, None, 10)
+    assert [(m.id, m.text) for m in page.messages] == [(sent.id, "kept")]
+    await again.close()

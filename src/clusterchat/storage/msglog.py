@@ -139,7 +139,8 @@ class MessageLog:
         # On the loop:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._closed = False
+        self._closed = False  # closing: no more timers
+        self._stopped = False  # closed: nothing will be applied any more (until the next start)
 
         dialect = db.writer.dialect
         self._sql = MessageStatements(dialect)
@@ -199,6 +200,7 @@ class MessageLog:
         except Exception as exc:  # kept in the log: the next start applies it
             log.warning("logged messages not applied at shutdown (%s); the next start applies them",
                         type(exc).__name__)
+        self._stopped = True
         self.thread.submit(self._finish)
         await asyncio.to_thread(self.thread.close)
         await asyncio.to_thread(self._checkpointer.close)
@@ -408,6 +410,8 @@ class MessageLog:
         target = self.logged
         if self.applied >= target:
             return
+        if self._stopped:
+            raise Unavailable("the node is shutting down")
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append((target, waiter))
         self._request_apply()
@@ -440,7 +444,7 @@ class MessageLog:
         for _, waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(Unavailable("messages could not be read"))
-        if self._timer is None:
+        if self._timer is None and not self._closed:
             self._timer = self._loop.call_later(APPLY_RETRY, self._due)
 
 
