@@ -4,7 +4,8 @@ Writing a batch of messages straight into the tables costs SQLite a whole page i
 WAL (and again in the checkpoint) for every B-tree leaf the batch touches: a message
 touches about four (the conversation index, the recipient's inbox, the sender's cmids,
 the inbox heads), one leaf per user or pair, so small batches cost ~0.35 ms of CPU per
-one- or two-message transaction and that, not the event loop, capped the node.
+one- or two-message transaction and that, not the event loop, set the latency at
+moderate rates (docs/design.md has the figures, before and after).
 
 So on SQLite the message writer's transaction is one row appended to a log in a second
 database file beside the main one (`<database>-msglog`): the batch, encoded as
@@ -24,7 +25,7 @@ What this needs, all in this process (an SQLite database has one node):
 - a retried cmid is found among the batches not yet applied (`_pending_cmids`) or in
   the table;
 - a read of messages or inboxes first waits until everything logged so far is applied
-  (`applied`), so reads see exactly what they saw before.
+  (`applied_all`), so reads see exactly what they saw before.
 
 Crash safety: the main database records the last batch it applied (counter
 `message_log`) in the same transaction as the batch's rows. On start, `recover` applies
