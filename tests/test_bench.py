@@ -95,6 +95,21 @@ def test_direct_reuses_users_and_clears_leftovers(node: NodeProcess, tmp_path: P
 
 
 @sqlite_only
+def test_receivers_ack_on_their_own_timer(node: NodeProcess, tmp_path: Path) -> None:
+    """With --ack-every out of reach, acks come from each receiver's timer: a few per user a
+    second (not one per delivery, not only the final one), and nothing is left unacknowledged."""
+    out = tmp_path / "direct.json"
+    proc = bench("direct", "--target", f"{node.host}:{node.port}", "--users", "4", "--rate", "200",
+                 "--duration", "2", "--warmup", "1", "--ack-every", "100000", "--ack-interval", "0.2",
+                 "--json", str(out), "--quiet")
+    assert proc.returncode == 0, explain(proc)
+    result = json.loads(out.read_text())
+    assert result["lost"] == 0 and result["received"] == result["sent_ok"] > 300
+    # 4 receivers over ~3 s of load at one ack per 0.2 s each: about 60, plus the final flush.
+    assert 4 * 5 < result["acks"] < result["received"] / 3, result["acks"]
+
+
+@sqlite_only
 def test_several_targets_and_source_addresses(node: NodeProcess, tmp_path: Path) -> None:
     """Users spread round-robin over targets, and over 127.0.0.x sources past --per-source."""
     out = tmp_path / "direct.json"

@@ -75,7 +75,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                          help="open loop: evenly paced or Poisson arrivals (default %(default)s)")
     traffic.add_argument("--size", type=int, default=0, help="pad message texts to about this many characters")
     traffic.add_argument("--ack-interval", type=_positive, default=0.05,
-                         help="receivers ack the highest seq this often (default %(default)s s)")
+                         help="each receiver acks its highest seq this long after the first "
+                              "unacknowledged delivery (default %(default)s s)")
     traffic.add_argument("--ack-every", type=int, default=100,
                          help="... or at once when this many messages are unacknowledged (default %(default)s)")
     traffic.add_argument("--prefix", default="bench",
