@@ -97,7 +97,7 @@ def test_direct_reuses_users_and_clears_leftovers(node: NodeProcess, tmp_path: P
 @sqlite_only
 def test_receivers_ack_on_their_own_timer(node: NodeProcess, tmp_path: Path) -> None:
     """With --ack-every out of reach, acks come from each receiver's timer: a few per user a
-    second (not one per delivery, not only the final one), and nothing is left unacknowledged."""
+    second, not one per delivery and not only the final flush."""
     out = tmp_path / "direct.json"
     proc = bench("direct", "--target", f"{node.host}:{node.port}", "--users", "4", "--rate", "200",
                  "--duration", "2", "--warmup", "1", "--ack-every", "100000", "--ack-interval", "0.2",

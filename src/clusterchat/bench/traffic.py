@@ -354,8 +354,9 @@ async def _ack_loop(run: TrafficRun, stop: asyncio.Event) -> None:
             u = due.popleft()[1]
             u.ack_queued = False
             u.flush_ack()
+        # The head was queued at most `ack_interval` ago, so this never waits longer than that.
         wait = (due[0][0] - now) / 1e9 if due else run.options.ack_interval
-        await asyncio.sleep(min(max(wait, 0.001), run.options.ack_interval))
+        await asyncio.sleep(max(wait, 0.001))
 
 
 async def _pacer(run: TrafficRun, rate: float, poisson: bool) -> None:
