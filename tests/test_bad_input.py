@@ -505,7 +505,9 @@ async def test_client_that_never_reads_is_dropped(start_node: StartNode) -> None
     dropped_after: int | None = None
     extra = 200  # keep sending after the drop: those wait in the inbox
     n = 0
-    while n < 6000 and (dropped_after is None or n < dropped_after + extra):
+    # Flood until the drop, `extra` more, and until the chat beside it made at least 5 round trips
+    # (on a fast machine the flood alone can end before that).
+    while n < 6000 and (dropped_after is None or n < dropped_after + extra or len(latencies) < 5):
         rids = [f"f{n + k}" for k in range(50)]
         futures = [flooder.client.expect_reply(rid) for rid in rids]
         await flooder.client.send_raw(b"".join(frame(op="send", rid=rid, to=victim_id, text=text) for rid in rids))
