@@ -122,6 +122,32 @@ async def test_close_applies_everything_and_empties_the_log(node: Node, path: Pa
         (1, 10, 0), (2, 10, 5)]
 
 
+async def test_an_apply_of_acks_alone_moves_acked_seq_and_never_moves_a_seq_back(node: Node, path: Path) -> None:
+    """The apply stores each user's last and acked seq in one upsert that only lets them grow."""
+    for i in range(3):
+        await node.send(1, 2, f"m{i}")
+    await node.send(2, 1, "back")
+    await node.store.since(2, None, 10)  # applied: 2 has seqs 1..3, 1 has seq 1
+
+    def state() -> list[tuple[Any, ...]]:
+        return _sql(path, "SELECT user_id, last_seq, acked_seq FROM inbox_state WHERE user_id IN (1, 2) ORDER BY 1")
+
+    assert state() == [(1, 1, 0), (2, 3, 0)]
+    node.writer.ack(2, 2)  # a batch with acks and no messages
+    await node.writer.acks_saved(2)
+    await node.store.since(2, None, 10)
+    assert state() == [(1, 1, 0), (2, 3, 2)]
+    node.writer.ack(2, 1)  # lower than what is stored: nothing moves back
+    node.writer.ack(1, 1)
+    await node.writer.acks_saved(2)
+    await node.writer.acks_saved(1)
+    await node.store.since(1, None, 10)
+    assert state() == [(1, 1, 1), (2, 3, 2)]
+    await node.send(1, 2, "more")  # a delivery alone keeps the acked seq
+    await node.store.since(2, None, 10)
+    assert state() == [(1, 1, 1), (2, 4, 2)]
+
+
 async def test_recovery_applies_the_batches_after_the_last_applied_one_exactly_once(path: Path) -> None:
     db = await _new_database(path)
     ts = now_ms()

@@ -37,13 +37,14 @@ class Bulk:
         self._chunks: list[tuple[int, str]] = []  # (rows, SQL), largest first
         if dialect.name == "sqlite" and isinstance(statement, Insert):
             row = "(" + ", ".join("?" * len(order)) + ")"
-            if not self.sql.endswith("VALUES " + row):
+            head, values, tail = self.sql.partition(" VALUES " + row)
+            if not values or "?" in tail:  # an ON CONFLICT clause after the row may follow, without parameters
                 raise RuntimeError(f"unexpected INSERT form {self.sql}")
             rows = 1
             while rows * 2 * len(order) <= SQLITE_MAX_VARIABLES:
                 rows *= 2
             while rows > 1:
-                self._chunks.append((rows, self.sql + (", " + row) * (rows - 1)))
+                self._chunks.append((rows, head + values + (", " + row) * (rows - 1) + tail))
                 rows //= 2
 
     def run(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from sqlalchemy import bindparam, insert
+from sqlalchemy import bindparam, func, insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from clusterchat.clock import now_ms
@@ -150,6 +150,15 @@ class MessageLog:
             insert(message_cmids).prefix_with("OR REPLACE").values(
                 sender_id=bindparam("u"), cmid=bindparam("c"), message_id=bindparam("m"), ts=bindparam("t")),
             dialect, ("u", "c", "m", "t"))
+        # Each user's new last seq and acked seq in one statement (both only grow; a 0 keeps what is there).
+        # Every user in the log has its inbox_state row (made at registration; users are never deleted).
+        state = sqlite_insert(inbox_state).values(
+            user_id=bindparam("u"), last_seq=bindparam("l"), acked_seq=bindparam("a"))
+        self._set_state = Bulk(
+            state.on_conflict_do_update(index_elements=[inbox_state.c.user_id], set_={
+                "last_seq": func.max(inbox_state.c.last_seq, state.excluded.last_seq),
+                "acked_seq": func.max(inbox_state.c.acked_seq, state.excluded.acked_seq)}),
+            dialect, ("u", "l", "a"))
         upsert = sqlite_insert(counters).values(name=bindparam("n"), value=bindparam("v"))
         self._set_counter = compile_sql(
             upsert.on_conflict_do_update(index_elements=[counters.c.name], set_={"value": upsert.excluded.value},
@@ -395,11 +404,12 @@ class MessageLog:
             for user_id, seq in batch.acks:
                 if seq > acked.get(user_id, 0):
                     acked[user_id] = seq
+        state_rows = [(u, seq, acked.get(u, 0)) for u, seq in heads.items()]
+        state_rows.extend((u, 0, seq) for u, seq in acked.items() if u not in heads)
         self._sql.insert_message.run(cursor, message_rows)
         self._sql.insert_inbox.run(cursor, inbox_rows)
-        self._sql.set_last_seq.run(cursor, [(seq, u, seq) for u, seq in heads.items()])
+        self._set_state.run(cursor, state_rows)
         self._put_cmid.run(cursor, cmid_rows)
-        self._sql.set_acked.run(cursor, [(seq, u, seq) for u, seq in acked.items()])
         if message_rows:
             cursor.execute(self._set_counter, ("message_id", message_rows[-1][0]))
         cursor.execute(self._set_counter, (APPLIED_COUNTER, batches[-1].id))
