@@ -39,6 +39,7 @@ from clusterchat.storage.bulk import (
 )
 from clusterchat.storage.engine import Database
 from clusterchat.storage.msglog import MessageLog
+from clusterchat.storage.pg_batch import PgBatch
 from clusterchat.storage.records import (
     CMID_WINDOW_MS,
     InboxMessage,
@@ -102,6 +103,7 @@ class MessageWriter:
             delete(message_cmids).where(message_cmids.c.sender_id == bindparam("u"),
                                         message_cmids.c.cmid == bindparam("c")), dialect, ("u", "c"))
         self._cmid_lookup = {size: compile_cmid_lookup(size, dialect) for size in CMID_BUCKETS}
+        self._pg = PgBatch(dialect) if dialect.name == "postgresql" else None
         self._lock_states = {size: compile_lock_states(size, dialect) for size in LOCK_BUCKETS}
         where = counters.c.name == bindparam("n")
         self._bump_counter = compile_sql(update(counters).where(where).values(value=counters.c.value + bindparam("k")),
@@ -321,6 +323,9 @@ class MessageWriter:
         # Every statement here is compiled once (in __init__) and runs on the driver's own
         # cursor: per batch, SQLAlchemy's execution machinery cost more than the database.
         ts = now_ms()
+        if self._pg is not None:  # the same transaction in four round trips (pg_batch.py)
+            self._pg.write(cursor, sends, ack_seq, ts)
+            return
         for s in sends:
             s.stored = None
         fresh, twins = self._dedupe(cursor, sends, ts)

@@ -1,0 +1,104 @@
+"""The message writer's batch transaction on every database, in-process: ids, seqs, cmids and
+acks of one batch (PostgreSQL writes it in its own four round trips, storage/pg_batch.py;
+MySQL/MariaDB statement by statement; SQLite through its message log)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from clusterchat.clock import now_ms
+from clusterchat.storage.engine import Database
+from clusterchat.storage.inbox import MessageStore, MessageWriter
+from clusterchat.storage.records import CMID_WINDOW_MS, StoredMessage
+
+USERS = (1, 2, 3)
+
+
+class Writer:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.writer = MessageWriter(db)
+        self.store = MessageStore(db, self.writer)
+        self.task: asyncio.Task[None] | None = None
+
+    def send(self, sender: int, to: int, body: str, cmid: str | None = None) -> asyncio.Future[StoredMessage]:
+        return self.writer.send(sender, f"u{sender}", to_user=to, group_id=None, recipients=[to], text=body,
+                                cmid=cmid)
+
+    async def sql(self, statement: str, **params: Any) -> list[tuple[Any, ...]]:
+        await self.writer.applied()
+        async with self.db.writer.begin() as conn:
+            result = await conn.execute(text(statement), params)
+            return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
+
+    async def state(self) -> list[tuple[int, int, int]]:
+        rows = await self.sql("SELECT user_id, last_seq, acked_seq FROM inbox_state ORDER BY user_id")
+        return [(int(u), int(last), int(acked)) for u, last, acked in rows]
+
+
+@pytest.fixture
+async def writer(db_url: str) -> AsyncIterator[Writer]:
+    db = Database(db_url)
+    await db.upgrade()
+    async with db.writer.begin() as conn:
+        for user_id in USERS:
+            await conn.execute(text("INSERT INTO users (id, name, password_hash, created_at) VALUES (:i, :n, 'x', 0)"),
+                               {"i": user_id, "n": f"u{user_id}"})
+            await conn.execute(text("INSERT INTO inbox_state (user_id, last_seq, acked_seq) VALUES (:i, 0, 0)"),
+                               {"i": user_id})
+    w = Writer(db)
+    await w.writer.open()
+    w.task = asyncio.create_task(w.writer.run())
+    yield w
+    w.writer.close()
+    await asyncio.wait_for(w.task, 10)
+    await db.close()
+
+
+async def test_one_batch_of_fresh_sends_retries_twins_and_acks(writer: Writer) -> None:
+    first = await writer.send(1, 2, "before", cmid="a")
+    # One batch: a fresh send, a retry of an earlier cmid, a cmid twice, a send to 1, an ack.
+    writer.writer.ack(2, 1)
+    futures = [writer.send(1, 2, "fresh"), writer.send(1, 2, "before again", cmid="a"),
+               writer.send(3, 2, "twin", cmid="t"), writer.send(3, 2, "twin", cmid="t"), writer.send(2, 1, "back")]
+    fresh, retry, twin1, twin2, back = await asyncio.gather(*futures)
+    assert retry.id == first.id and retry.duplicate and retry.deliveries == []
+    assert twin2.id == twin1.id and twin2.duplicate
+    assert [fresh.id, twin1.id, back.id] == [first.id + 1, first.id + 2, first.id + 3]
+    assert fresh.deliveries == [(2, 2)] and twin1.deliveries == [(2, 3)] and back.deliveries == [(1, 1)]
+    assert await writer.state() == [(1, 1, 0), (2, 3, 1), (3, 0, 0)]
+    rows = await writer.sql("SELECT user_id, seq, message_id FROM inbox ORDER BY user_id, seq")
+    assert [tuple(map(int, r)) for r in rows] == [
+        (1, 1, back.id), (2, 1, first.id), (2, 2, fresh.id), (2, 3, twin1.id)]
+    texts = await writer.sql("SELECT id, text, peer_lo, peer_hi FROM messages ORDER BY id")
+    assert [(int(i), t, lo, hi) for i, t, lo, hi in texts] == [
+        (first.id, "before", 1, 2), (fresh.id, "fresh", 1, 2), (twin1.id, "twin", 2, 3), (back.id, "back", 1, 2)]
+    cmids = await writer.sql("SELECT sender_id, cmid, message_id FROM message_cmids ORDER BY sender_id")
+    assert [(int(s), c, int(m)) for s, c, m in cmids] == [(1, "a", first.id), (3, "t", twin1.id)]
+
+
+async def test_acks_alone_never_pass_the_last_seq_and_never_move_back(writer: Writer) -> None:
+    for i in range(3):
+        await writer.send(1, 2, f"m{i}")
+    writer.writer.ack(2, 99)  # past the last seq: clamped to it
+    await writer.writer.acks_saved(2)
+    assert await writer.state() == [(1, 0, 0), (2, 3, 3), (3, 0, 0)]
+    writer.writer.ack(2, 1)  # lower than what is stored: nothing moves back
+    await writer.writer.acks_saved(2)
+    assert await writer.state() == [(1, 0, 0), (2, 3, 3), (3, 0, 0)]
+
+
+async def test_a_cmid_past_its_window_is_a_new_message(writer: Writer) -> None:
+    old = await writer.send(1, 2, "old", cmid="c")
+    await writer.sql("UPDATE message_cmids SET ts = :ts", ts=now_ms() - CMID_WINDOW_MS - 1000)
+    new = await writer.send(1, 2, "new", cmid="c")
+    assert new.id > old.id and not new.duplicate and new.deliveries == [(2, 2)]
+    again = await writer.send(1, 2, "new", cmid="c")
+    assert again.id == new.id and again.duplicate
+    cmids = await writer.sql("SELECT sender_id, cmid, message_id FROM message_cmids")
+    assert [(int(s), c, int(m)) for s, c, m in cmids] == [(1, "c", new.id)]
