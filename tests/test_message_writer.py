@@ -102,3 +102,23 @@ async def test_a_cmid_past_its_window_is_a_new_message(writer: Writer) -> None:
     assert again.id == new.id and again.duplicate
     cmids = await writer.sql("SELECT sender_id, cmid, message_id FROM message_cmids")
     assert [(int(s), c, int(m)) for s, c, m in cmids] == [(1, "c", new.id)]
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql", "mariadb"], indirect=True)
+async def test_the_writer_gets_a_new_connection_when_the_server_killed_its_own(writer: Writer) -> None:
+    """Each batch checks a connection out of the pool, which pings it first: a connection the
+    server ended is replaced before the batch runs on it, so nobody sees an error."""
+    before = await writer.send(1, 2, "before")
+    async with writer.db.writer.connect() as conn:  # every other session of this database, the writer's too
+        if writer.db.dialect == "postgresql":
+            await conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE pid <> pg_backend_pid() AND datname = current_database()"))
+        else:
+            rows = await conn.execute(text("SELECT id FROM information_schema.processlist "
+                                           "WHERE id <> CONNECTION_ID() AND db = DATABASE()"))
+            for (thread_id,) in rows.fetchall():
+                await conn.execute(text(f"KILL CONNECTION {int(thread_id)}"))
+    after = await writer.send(1, 2, "after")
+    assert after.id == before.id + 1
+    texts = await writer.sql("SELECT text FROM messages ORDER BY id")
+    assert [t for (t,) in texts] == ["before", "after"]
