@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ T = TypeVar("T")
 register_unavailable(OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps once it starts over
+WAL_SWITCH_TRIES = 40  # 50 ms apart: two seconds for another connection to finish switching a new file
 MIGRATIONS = Path(__file__).parent / "migrations"
 DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+asyncmy", "mariadb": "mysql+asyncmy",
            "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}  # fmt: skip
@@ -167,13 +169,28 @@ class Database:
 
 def _sqlite_pragmas(dbapi_connection: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    _switch_to_wal(cursor)
     # FULL: a commit is on disk before it returns, so "ok" survives power loss too.
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB of page cache
     cursor.execute("PRAGMA mmap_size=268435456")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """WAL mode, which the file keeps. On a new file, connections opened at the same moment
+    (the migration's, the writer's, the checkpointer's) race to switch it, and SQLite
+    answers the loser "database is locked" at once, without waiting on busy_timeout
+    (seen once in ~400 node starts of the test suite): try again for a while."""
+    for attempt in range(WAL_SWITCH_TRIES):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == WAL_SWITCH_TRIES - 1:
+                raise
+            time.sleep(0.05)
 
 
 def _sqlite_writer_connect(dbapi_connection: Any, _record: Any) -> None:
