@@ -35,6 +35,7 @@ from clusterchat.storage.records import (
     OutgoingMessage,
     StoredMessage,
     deliveries,
+    message_row,
     split_retries,
 )
 
@@ -109,7 +110,7 @@ class PgBatch:
         keyed = sorted({(s.sender_id, s.cmid) for s in sends if s.cmid is not None})
         # Every recipient of the batch is locked, retries included (a superset: harmless).
         users = sorted({r for s in sends for r in s.recipients} | set(ack_seq))
-        cursor.execute(self._lock_and_find, ([*users], [k[0] for k in keyed], [k[1] for k in keyed]))
+        cursor.execute(self._lock_and_find, (users, [k[0] for k in keyed], [k[1] for k in keyed]))
         last_seq: dict[int, int] = {}
         known: dict[tuple[int, str], tuple[int, int]] = {}
         expired: list[tuple[int, str]] = []
@@ -139,10 +140,9 @@ class PgBatch:
         cmid_rows: tuple[list[int], list[str], list[int]] = ([], [], [])
         delivered_by_send: list[list[tuple[int, int]]] = []
         for k, s in enumerate(fresh, 1):
-            lo = hi = None
-            if s.to_user is not None:
-                lo, hi = min(s.sender_id, s.to_user), max(s.sender_id, s.to_user)
-            for column, value in zip(columns, (k, s.sender_id, s.to_user, s.group_id, lo, hi, s.text), strict=True):
+            # The row as every path builds it (the pair for history), k in place of the id, ts apart.
+            values = message_row(k, s.sender_id, s.to_user, s.group_id, s.text, ts)[:7]
+            for column, value in zip(columns, values, strict=True):
                 column.append(value)
             delivered = deliveries(s.recipients, last_seq)
             delivered_by_send.append(delivered)
