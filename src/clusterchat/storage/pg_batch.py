@@ -48,10 +48,13 @@ WITH locked AS (
 )
 SELECT user_id, last_seq, CAST(NULL AS TEXT) AS cmid, CAST(NULL AS BIGINT) AS ts FROM locked
 UNION ALL
-SELECT c.sender_id, c.message_id, c.cmid, c.ts
-FROM message_cmids AS c
-JOIN unnest(CAST(:senders AS BIGINT[]), CAST(:cmids AS TEXT[])) AS k(sender_id, cmid)
-  ON c.sender_id = k.sender_id AND c.cmid = k.cmid
+SELECT k.sender_id, c.message_id, k.cmid, c.ts
+FROM unnest(CAST(:senders AS BIGINT[]), CAST(:cmids AS TEXT[])) AS k(sender_id, cmid)
+CROSS JOIN LATERAL (
+    SELECT message_id, ts FROM message_cmids
+    WHERE message_cmids.sender_id = k.sender_id AND message_cmids.cmid = k.cmid
+    LIMIT 1
+) AS c
 """
 
 _STATE = """
@@ -84,11 +87,7 @@ WITH c AS (
 SELECT base FROM c
 """
 
-_DELETE_CMIDS = """
-DELETE FROM message_cmids AS c
-USING unnest(CAST(:senders AS BIGINT[]), CAST(:cmids AS TEXT[])) AS k(sender_id, cmid)
-WHERE c.sender_id = k.sender_id AND c.cmid = k.cmid
-"""
+_DELETE_CMID = "DELETE FROM message_cmids WHERE sender_id = :sender AND cmid = :cmid"
 
 _WRITE_ORDER = ("n", "ts", "m_k", "m_sender", "m_to", "m_group", "m_lo", "m_hi", "m_text",
                 "i_user", "i_seq", "i_k", "x_sender", "x_cmid", "x_k", "s_user", "s_last", "s_acked")
@@ -98,10 +97,10 @@ class PgBatch:
     """The statements of a message batch, compiled once for the PostgreSQL dialect."""
 
     def __init__(self, dialect: Any) -> None:
-        self._lock_and_find = _compile(_LOCK_AND_FIND, dialect, ("users", "senders", "cmids"))
+        self.lock_and_find = _compile(_LOCK_AND_FIND, dialect, ("users", "senders", "cmids"))
         self._state = _compile(_STATE, dialect, ("s_user", "s_last", "s_acked"))
         self._write = _compile(_WRITE, dialect, _WRITE_ORDER)
-        self._delete_cmids = _compile(_DELETE_CMIDS, dialect, ("senders", "cmids"))
+        self._delete_cmid = _compile(_DELETE_CMID, dialect, ("sender", "cmid"))
 
     def write(self, cursor: Any, sends: list[OutgoingMessage], ack_seq: dict[int, int], ts: int) -> None:
         """In the caller's transaction: store `sends` and `ack_seq`, setting each send's `stored`."""
@@ -110,7 +109,7 @@ class PgBatch:
         keyed = sorted({(s.sender_id, s.cmid) for s in sends if s.cmid is not None})
         # Every recipient of the batch is locked, retries included (a superset: harmless).
         users = sorted({r for s in sends for r in s.recipients} | set(ack_seq))
-        cursor.execute(self._lock_and_find, (users, [k[0] for k in keyed], [k[1] for k in keyed]))
+        cursor.execute(self.lock_and_find, (users, [k[0] for k in keyed], [k[1] for k in keyed]))
         last_seq: dict[int, int] = {}
         known: dict[tuple[int, str], tuple[int, int]] = {}
         expired: list[tuple[int, str]] = []
@@ -121,8 +120,8 @@ class PgBatch:
                 known[(user_or_sender, cmid)] = (seq_or_id, row_ts)
             else:
                 expired.append((user_or_sender, cmid))
-        if expired:  # a cmid past its window is used again (rare: one more round trip)
-            cursor.execute(self._delete_cmids, ([e[0] for e in expired], [e[1] for e in expired]))
+        if expired:  # a cmid past its window is used again (rare: one more round trip, pipelined)
+            cursor.executemany(self._delete_cmid, expired)
         fresh, twins = split_retries(sends, known)
         start = dict(last_seq)
 
