@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -105,6 +105,11 @@ class Database:
                                       "pool_pre_ping": True, "pool_recycle": 1800}
             self.writer = create_async_engine(self.url, **kwargs)
             self.reader = self.writer
+            # The message writer's own connection (one batch at a time), without the pool's
+            # ping: on asyncpg that ping is three round trips (BEGIN, ";", ROLLBACK) per batch.
+            # A connection found dead during a batch is replaced and the batch run again
+            # (see run_write).
+            self._batches = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_recycle=1800)
             self._checkpointer = None
             self.write_thread = None
             self.sqlite_file = None
@@ -134,8 +139,24 @@ class Database:
 
             self.write_thread.submit(job)
             return await future
-        async with self.writer.begin() as conn:
-            return await conn.run_sync(_on_cursor, fn, *args)
+        retried = False
+        while True:
+            async with self._batches.connect() as conn:
+                await conn.begin()
+                try:
+                    result = await conn.run_sync(_on_cursor, fn, *args)
+                except Exception as exc:
+                    raw = await conn.get_raw_connection()
+                    if retried or not self._batches.dialect.is_disconnect(cast(Any, exc), raw.dbapi_connection, None):
+                        raise
+                    # Lost before COMMIT was sent: the server rolled it back, nothing was
+                    # written, so the same transaction runs again on a new connection.
+                    log.info("database connection lost before a write committed; retrying on a new one")
+                    await conn.invalidate()
+                    retried = False
+                    continue
+                await conn.commit()
+                return result
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to run from several nodes at once."""
@@ -163,6 +184,8 @@ class Database:
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.close)
         await self.writer.dispose()
+        if not self.is_sqlite:
+            await self._batches.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
 
