@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from clusterchat.clock import now_ms
 from clusterchat.storage.engine import Database
@@ -143,3 +144,31 @@ async def test_postgresql_finds_retried_cmids_through_the_primary_key_whatever_t
             "EXPLAIN EXECUTE find_cmids('{1,2}', '{1,3}', '{a,b}')"))
     assert "Index Scan using message_cmids_pkey" in plan, plan
     assert "Seq Scan on message_cmids" not in plan, plan
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql", "mariadb"], indirect=True)
+async def test_a_write_whose_connection_dies_every_time_is_retried_once_then_fails(writer: Writer) -> None:
+    """The retry after a lost connection is one retry: a transaction that loses its
+    connection again fails with the driver's error (which the message writer answers with
+    `unavailable`) instead of looping."""
+    attempts = 0
+
+    def kill_own_connection(cursor: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        if writer.db.dialect == "postgresql":
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        else:
+            cursor.execute("SELECT CONNECTION_ID()")
+            (thread_id,) = cursor.fetchone()
+            cursor.execute(f"KILL CONNECTION {int(thread_id)}")
+        cursor.execute("SELECT 1")  # on a connection the server has ended
+
+    with pytest.raises(Exception) as failure:
+        await asyncio.wait_for(writer.db.run_write(kill_own_connection), 30)
+    assert attempts == 2, (attempts, repr(failure.value))
+    # A database error (the driver's own, or SQLAlchemy's wrapping of it): the writer answers unavailable.
+    assert isinstance(failure.value, (DBAPIError, *writer.db.driver_errors)), repr(failure.value)
+    # The writer's next batch gets a new connection.
+    sent = await writer.send(1, 2, "after")
+    assert sent.deliveries == [(2, 1)]

@@ -153,7 +153,7 @@ class Database:
                     # written, so the same transaction runs again on a new connection.
                     log.info("database connection lost before a write committed; retrying on a new one")
                     await conn.invalidate()
-                    retried = False
+                    retried = True
                     continue
                 await conn.commit()
                 return result
