@@ -128,22 +128,33 @@ async def test_the_writer_gets_a_new_connection_when_the_server_killed_its_own(w
 
 
 @pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
-async def test_postgresql_finds_retried_cmids_through_the_primary_key_whatever_the_statistics(writer: Writer) -> None:
-    """The batch's first statement is prepared once per connection and its plan kept (a
-    generic plan). Planned while `message_cmids` was small or never analyzed, a join with the
-    batch's cmids became a hash join over a full scan of the table, which then grew by every
-    message: at 2,500 msgs/s that statement took 4.8 ms of a batch's ~14 (measured). Each cmid
-    must be one probe of the primary key, whatever PostgreSQL knows of the table."""
-    from clusterchat.storage.pg_batch import PgBatch
+async def test_postgresql_batches_reach_rows_by_primary_key_whatever_the_statistics(writer: Writer) -> None:
+    """The batch's statements are prepared once per connection and PostgreSQL keeps a
+    generic plan for each. Planned while a table was small or never analyzed, a join with
+    the batch's arrays became a hash join over a full scan of the table: of `message_cmids`
+    (which grows by every message; at 2,500 msgs/s that statement took 4.8 ms of a batch's
+    ~14, measured) and of `inbox_state` (a row per user). Every row a batch looks up or
+    updates must be reached through the primary key, whatever PostgreSQL knows of the table."""
+    from clusterchat.storage.pg_batch import _WRITE_ORDER, PgBatch
 
-    sql = PgBatch(writer.db.writer.dialect).lock_and_find
+    batch = PgBatch(writer.db.writer.dialect)
+    types = {"n": "BIGINT", "ts": "BIGINT", "m_text": "TEXT[]", "x_cmid": "TEXT[]"}
+    values = {"n": "1", "ts": "1", "m_text": "'{a}'", "x_cmid": "'{c}'"}
     async with writer.db.writer.connect() as conn:
         await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        await conn.exec_driver_sql(f"PREPARE find_cmids(BIGINT[], BIGINT[], TEXT[]) AS {sql}")
-        plan = "\n".join(row[0] for row in await conn.exec_driver_sql(
-            "EXPLAIN EXECUTE find_cmids('{1,2}', '{1,3}', '{a,b}')"))
-    assert "Index Scan using message_cmids_pkey" in plan, plan
-    assert "Seq Scan on message_cmids" not in plan, plan
+        await conn.exec_driver_sql(f"PREPARE find(BIGINT[], BIGINT[], TEXT[]) AS {batch.lock_and_find}")
+        await conn.exec_driver_sql(
+            f"PREPARE store({', '.join(types.get(k, 'BIGINT[]') for k in _WRITE_ORDER)}) AS {batch.store}")
+        plans = {}
+        for name, args in (("find", "'{1,2}', '{1,3}', '{a,b}'"),
+                           ("store", ", ".join(values.get(k, "'{1}'") for k in _WRITE_ORDER))):
+            rows = await conn.exec_driver_sql(f"EXPLAIN EXECUTE {name}({args})")
+            plans[name] = "\n".join(row[0] for row in rows)
+    assert "Index Scan using message_cmids_pkey" in plans["find"], plans["find"]
+    assert "Index Cond: (user_id = ANY" in plans["store"], plans["store"]
+    for plan in plans.values():
+        assert "Seq Scan on message_cmids" not in plan, plan
+        assert "Seq Scan on inbox_state" not in plan, plan
 
 
 @pytest.mark.parametrize("db_backend", ["postgresql", "mariadb"], indirect=True)

@@ -57,11 +57,14 @@ CROSS JOIN LATERAL (
 ) AS c
 """
 
+# `user_id = ANY(...)` repeats the join's condition so that even a generic plan made while
+# inbox_state was small or never analyzed reaches the rows through the primary key
+# (without it: a hash join over a full scan of the table, one row per user).
 _STATE = """
 UPDATE inbox_state
 SET last_seq = GREATEST(inbox_state.last_seq, t.l), acked_seq = GREATEST(inbox_state.acked_seq, t.a)
 FROM unnest(CAST(:s_user AS BIGINT[]), CAST(:s_last AS BIGINT[]), CAST(:s_acked AS BIGINT[])) AS t(u, l, a)
-WHERE inbox_state.user_id = t.u
+WHERE inbox_state.user_id = t.u AND inbox_state.user_id = ANY(CAST(:s_user AS BIGINT[]))
 """
 
 # Message k of the batch (1-based) gets id base + k, base being the counter before the batch.
@@ -99,7 +102,7 @@ class PgBatch:
     def __init__(self, dialect: Any) -> None:
         self.lock_and_find = _compile(_LOCK_AND_FIND, dialect, ("users", "senders", "cmids"))
         self._state = _compile(_STATE, dialect, ("s_user", "s_last", "s_acked"))
-        self._write = _compile(_WRITE, dialect, _WRITE_ORDER)
+        self.store = _compile(_WRITE, dialect, _WRITE_ORDER)
         self._delete_cmid = _compile(_DELETE_CMID, dialect, ("sender", "cmid"))
 
     def write(self, cursor: Any, sends: list[OutgoingMessage], ack_seq: dict[int, int], ts: int) -> None:
@@ -154,7 +157,7 @@ class PgBatch:
                 cmid_rows[1].append(s.cmid)
                 cmid_rows[2].append(k)
         state_users = sorted({u for u, seq in last_seq.items() if seq != start[u]} | set(acked))
-        cursor.execute(self._write, (
+        cursor.execute(self.store, (
             len(fresh), ts, *columns, *inbox_rows, *cmid_rows,
             state_users, [last_seq.get(u, 0) for u in state_users], [acked.get(u, 0) for u in state_users]))
         row = cursor.fetchone()
