@@ -39,6 +39,9 @@ from clusterchat.storage.records import (
     split_retries,
 )
 
+# The cmids are probed one at a time through the primary key (LATERAL ... LIMIT 1), never
+# joined: a generic plan made while message_cmids was small joined it by a full scan, and
+# that table grows by every message (docs/design.md has the figures).
 _LOCK_AND_FIND = """
 WITH locked AS (
     SELECT user_id, last_seq FROM inbox_state
