@@ -476,6 +476,21 @@ async def test_tcp_and_websocket_users_chat(chat: Chat) -> None:
     assert await tcp.event("presence") == {"event": "presence", "user_id": ws.id, "online": False}
 
 
+async def test_a_cmid_with_nul_is_refused_and_fails_no_other_message(chat: Chat) -> None:
+    """U+0000 cannot be stored by PostgreSQL, so every node refuses it in `cmid` too (it failed the
+    whole batch there, every other user's sends with it); the send before it is stored and its
+    cmid still recognised."""
+    alice, bob = await chat.users("alice", "bob")
+    await make_friends(alice, bob)
+    sends = [("before", "a"), ("nul", "a\u0000b"), ("after", "a\u0000c")]
+    replies = await pipeline(alice.client, [{"op": "send", "to": bob.id, "text": t, "cmid": c} for t, c in sends])
+    assert [r["ok"] for r in replies] == [True, False, False], replies
+    assert all(r["error"]["code"] == "bad_request" and "`cmid`" in r["error"]["message"] for r in replies[1:])
+    assert [e["text"] for e in await messages_of(bob, 1)] == ["before"]
+    again = await alice.call("send", to=bob.id, text="before, again", cmid="a")
+    assert again["id"] == replies[0]["id"]
+
+
 async def test_a_text_with_nul_is_refused_and_fails_no_other_message(chat: Chat) -> None:
     """U+0000 cannot be stored by PostgreSQL, so every node refuses it in `text` with bad_request
     naming the field; the messages pipelined around it are stored and delivered."""

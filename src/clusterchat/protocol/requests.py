@@ -14,14 +14,14 @@ MAX_ID = 2**53
 
 Rid = str | int | None
 NAME_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]+\Z"
-# NUL is refused in stored text: PostgreSQL cannot store it, and no chat text needs it.
+# NUL is refused in stored strings (text, notes, cmids): PostgreSQL cannot store it, and no chat needs it.
 NO_NUL_PATTERN = r"^[^\x00]*\Z"
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=NAME_PATTERN)]
 Password = Annotated[str, msgspec.Meta(min_length=6, max_length=128)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NO_NUL_PATTERN)]
 Note = Annotated[str, msgspec.Meta(max_length=256, pattern=NO_NUL_PATTERN)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Cmid = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Cmid = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL_PATTERN)]
 Id = Annotated[int, msgspec.Meta(ge=1, lt=MAX_ID)]
 Seq = Annotated[int, msgspec.Meta(ge=0, lt=MAX_ID)]
 Limit = Annotated[int, msgspec.Meta(ge=1, le=100)]
