@@ -150,9 +150,10 @@ async def test_an_apply_of_acks_alone_moves_acked_seq_and_never_moves_a_seq_back
 
 async def test_recovery_applies_the_batches_after_the_last_applied_one_exactly_once(path: Path) -> None:
     db = await _new_database(path)
+    _sql(path, "INSERT INTO chat_groups (id, name, description, creator_id, created_at) VALUES (7, 'g', '', 1, 0)")
     ts = now_ms()
     # What a crash can leave: batch 1 applied (its rows and the counter are in the tables)
-    # but not yet trimmed from the log, batches 2 and 3 only in the log.
+    # but not yet trimmed from the log, batches 2 to 4 only in the log (4: a group message).
     _sql(path, "INSERT INTO messages (id, sender_id, to_user_id, peer_lo, peer_hi, text, ts) "
                "VALUES (1, 1, 2, 1, 2, 'one', ?)", (ts,))
     _sql(path, "INSERT INTO inbox (user_id, seq, message_id) VALUES (2, 1, 1)")
@@ -164,6 +165,7 @@ async def test_recovery_applies_the_batches_after_the_last_applied_one_exactly_o
         LogBatch(2, [LoggedMessage(2, 2, 1, None, "two", ts, "c-2", [(1, 1)]),
                      LoggedMessage(3, 1, 2, None, "three", ts, None, [(2, 2)])], [(1, 0)]),
         LogBatch(3, [], [(2, 1)]),
+        LogBatch(4, [LoggedMessage(4, 3, None, 7, 'grüße "🙂"\n\\', ts + 1, "ç-4", [(1, 2), (2, 3)])], [(1, 1)]),
     ]
     log_file = log_path(str(path))
     _sql(log_file, "CREATE TABLE log_batches (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
@@ -171,18 +173,22 @@ async def test_recovery_applies_the_batches_after_the_last_applied_one_exactly_o
         _sql(log_file, "INSERT INTO log_batches (id, body) VALUES (?, ?)", (batch.id, msglog._encode(batch)))
 
     node = await Node(db).open()
-    assert _tables(path) == [(1, 1, 2, "one"), (2, 2, 1, "two"), (3, 1, 2, "three")]
-    assert _sql(path, "SELECT user_id, seq, message_id FROM inbox ORDER BY 1, 2") == [(1, 1, 2), (2, 1, 1), (2, 2, 3)]
-    assert _sql(path, "SELECT user_id, last_seq, acked_seq FROM inbox_state WHERE user_id IN (1, 2) ORDER BY 1") == [
-        (1, 1, 0), (2, 2, 1)]
-    # The counters carry on from the recovered batches, and the retried cmid is known.
-    fresh = await node.send(2, 1, "four")
-    assert (fresh.id, fresh.deliveries) == (4, [(1, 2)])
+    assert _sql(path, "SELECT * FROM messages ORDER BY id") == [
+        (1, 1, 2, None, 1, 2, "one", ts), (2, 2, 1, None, 1, 2, "two", ts), (3, 1, 2, None, 1, 2, "three", ts),
+        (4, 3, None, 7, None, None, 'grüße "🙂"\n\\', ts + 1)]
+    assert _sql(path, "SELECT user_id, seq, message_id FROM inbox ORDER BY 1, 2") == [
+        (1, 1, 2), (1, 2, 4), (2, 1, 1), (2, 2, 3), (2, 3, 4)]
+    assert _sql(path, "SELECT user_id, last_seq, acked_seq FROM inbox_state ORDER BY 1") == [
+        (1, 2, 1), (2, 3, 1), (3, 0, 0)]
+    assert _sql(path, "SELECT * FROM message_cmids ORDER BY message_id") == [(2, "c-2", 2, ts), (3, "ç-4", 4, ts + 1)]
+    # The counters carry on from the recovered batches, and the retried cmids are known.
+    fresh = await node.send(2, 1, "five")
+    assert (fresh.id, fresh.deliveries) == (5, [(1, 3)])
     retried = await node.send(2, 1, "two again", cmid="c-2")
     assert (retried.id, retried.duplicate) == (2, True)
     await node.close()
     assert _logged(path) == []
-    assert _sql(path, "SELECT value FROM counters WHERE name = 'message_log'") == [(4,)]
+    assert _sql(path, "SELECT value FROM counters WHERE name = 'message_log'") == [(5,)]
 
 
 async def test_a_retried_cmid_gets_its_first_message_before_and_after_the_apply(
