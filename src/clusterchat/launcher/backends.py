@@ -163,12 +163,26 @@ class PgServer(_RunningServer):
         return f"<PgServer {self.host}:{self.port} data={self.data_dir}>"
 
 
+def durable_shared_buffers() -> str:
+    """PostgreSQL's buffer cache for a server of chat data: a quarter of the machine's memory,
+    between PostgreSQL's own default (128 MB) and 1 GB. With the default, a minute of `bench
+    direct` (1,000 users) left 68-90% of the buffers dirty (10% with 1 GB), and closed-loop
+    throughput fell from run to run as the tables grew (docs/design.md, "On PostgreSQL: four
+    round trips")."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return "128MB"
+    return f"{max(128, min(1024, memory // 4 // 2**20))}MB"
+
+
 @contextlib.contextmanager
 def start_postgres(base_dir: Path, *, durable: bool = False) -> Iterator[PgServer]:
     """initdb + start a PostgreSQL server in ``base_dir`` on a free port.
 
     Tests run it with fsync off (throw-away data); ``durable=True`` keeps PostgreSQL's
-    defaults, for benchmarks whose figures must include the cost of durable commits.
+    defaults but a bigger buffer cache, for `clusterchat cluster` and for benchmarks whose
+    figures must include the cost of durable commits.
 
     As root, initdb and postgres run as the ``postgres`` OS user (postgres refuses to run as
     root). If that user cannot reach ``base_dir`` (pytest's temp root is mode 0700), the data
@@ -221,9 +235,10 @@ def start_postgres(base_dir: Path, *, durable: bool = False) -> Iterator[PgServe
                 "-c", f"unix_socket_directories={socket_dir}",
                 "-c", "max_connections=200",
                 "-c", "logging_collector=off",
+                # Durable: PostgreSQL's defaults but for shared_buffers (see durable_shared_buffers).
                 # Throw-away data: trade durability for speed.
-                *([] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                                      "-c", "full_page_writes=off"]),
+                *(["-c", f"shared_buffers={durable_shared_buffers()}"] if durable else
+                  ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
             ]  # fmt: skip
 
         def ready(port: int) -> bool:
