@@ -187,6 +187,8 @@ def test_boundaries_accepted() -> None:
     # NUL is refused: PostgreSQL cannot store it.
     with pytest.raises(RequestError, match="`text`: must not contain the NUL character"):
         decode({"op": "send", "to": 1, "text": "a\x00b"})
+    with pytest.raises(RequestError, match="`cmid`: must not contain the NUL character"):
+        decode({"op": "group_send", "group_id": 1, "text": "x", "cmid": "\x00"})
     assert decode({"op": "friend_request", "user_id": 1, "note": "n" * 256}).note == "n" * 256  # type: ignore[attr-defined]
     assert decode({"op": "create_group", "name": "g", "desc": "d" * 256}).desc == "d" * 256  # type: ignore[attr-defined]
     assert decode({"op": "sync", "after": 0, "limit": 1}).limit == 1  # type: ignore[attr-defined]
@@ -578,7 +580,7 @@ _any_text = st.characters(blacklist_categories=("Cs",))
 _stored_text = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")  # NUL is refused
 _texts = st.text(alphabet=_stored_text, min_size=1, max_size=4096)
 _notes = st.text(alphabet=_stored_text, max_size=256)
-_cmids = st.text(alphabet=_any_text, min_size=1, max_size=64)
+_cmids = st.text(alphabet=_stored_text, min_size=1, max_size=64)
 _limits = st.integers(min_value=1, max_value=100)
 _rooms = st.text(alphabet=_any_text, min_size=1, max_size=64)
 _rids = st.none() | st.integers() | st.text(alphabet=_any_text, max_size=20)
