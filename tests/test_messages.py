@@ -477,9 +477,8 @@ async def test_tcp_and_websocket_users_chat(chat: Chat) -> None:
 
 
 async def test_a_cmid_with_nul_is_refused_and_fails_no_other_message(chat: Chat) -> None:
-    """U+0000 cannot be stored by PostgreSQL, so every node refuses it in `cmid` too (it failed the
-    whole batch there, every other user's sends with it); the send before it is stored and its
-    cmid still recognised."""
+    """U+0000 cannot be stored by PostgreSQL, so every node refuses it in `cmid` too (such a send
+    failed there as unavailable); the send before it is stored and its cmid still recognised."""
     alice, bob = await chat.users("alice", "bob")
     await make_friends(alice, bob)
     sends = [("before", "a"), ("nul", "a\u0000b"), ("after", "a\u0000c")]
