@@ -163,7 +163,7 @@ class PgServer(_RunningServer):
         return f"<PgServer {self.host}:{self.port} data={self.data_dir}>"
 
 
-def durable_shared_buffers() -> str:
+def durable_shared_buffers_mb() -> int:
     """PostgreSQL's buffer cache for a server of chat data: a quarter of the machine's memory,
     between PostgreSQL's own default (128 MB) and 1 GB. With the default, a minute of `bench
     direct` (1,000 users) left 68-90% of the buffers dirty (10% with 1 GB), and closed-loop
@@ -172,8 +172,8 @@ def durable_shared_buffers() -> str:
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return "128MB"
-    return f"{max(128, min(1024, memory // 4 // 2**20))}MB"
+        return 128
+    return max(128, min(1024, memory // 4 // 2**20))
 
 
 @contextlib.contextmanager
@@ -235,9 +235,9 @@ def start_postgres(base_dir: Path, *, durable: bool = False) -> Iterator[PgServe
                 "-c", f"unix_socket_directories={socket_dir}",
                 "-c", "max_connections=200",
                 "-c", "logging_collector=off",
-                # Durable: PostgreSQL's defaults but for shared_buffers (see durable_shared_buffers).
+                # Durable: PostgreSQL's defaults but for shared_buffers (see durable_shared_buffers_mb).
                 # Throw-away data: trade durability for speed.
-                *(["-c", f"shared_buffers={durable_shared_buffers()}"] if durable else
+                *(["-c", f"shared_buffers={durable_shared_buffers_mb()}MB"] if durable else
                   ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
             ]  # fmt: skip
 
