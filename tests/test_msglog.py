@@ -222,12 +222,12 @@ async def test_a_failed_apply_fails_the_waiting_read_and_is_retried_without_loss
     real_apply = msglog.MessageLog._apply
     failures = []
 
-    def failing_apply(self: msglog.MessageLog, cursor: Any, batches: Any) -> None:
+    def failing_apply(self: msglog.MessageLog, cursor: Any, batches: Any, *pause: Any) -> None:
         if not failures:
             failures.append(len(batches))
-            real_apply(self, cursor, batches)  # rows written, then the transaction fails
+            real_apply(self, cursor, batches, *pause)  # rows written, then the transaction fails
             raise sqlite3.OperationalError("disk I/O error")
-        real_apply(self, cursor, batches)
+        real_apply(self, cursor, batches, *pause)
 
     monkeypatch.setattr(msglog.MessageLog, "_apply", failing_apply)
     sent = [await node.send(1, 2, f"m{i}") for i in range(3)]
@@ -251,10 +251,10 @@ async def test_seqs_stay_right_when_the_cache_of_last_seqs_is_trimmed_during_an_
     real_apply = msglog.MessageLog._apply
     applying, release = threading.Event(), threading.Event()
 
-    def held_apply(self: msglog.MessageLog, cursor: Any, batches: Any) -> None:
+    def held_apply(self: msglog.MessageLog, cursor: Any, batches: Any, *pause: Any) -> None:
         applying.set()
         release.wait(10)
-        real_apply(self, cursor, batches)
+        real_apply(self, cursor, batches, *pause)
 
     monkeypatch.setattr(msglog.MessageLog, "_apply", held_apply)
     first = await node.send(1, 2, "m1")
@@ -286,7 +286,7 @@ async def test_a_close_that_cannot_apply_leaves_the_batches_for_the_next_start(
         node: Node, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(msglog, "APPLY_DELAY", 60.0)
 
-    def broken_apply(self: msglog.MessageLog, cursor: Any, batches: Any) -> None:
+    def broken_apply(self: msglog.MessageLog, cursor: Any, batches: Any, *pause: Any) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
     real_apply = msglog.MessageLog._apply
@@ -303,3 +303,28 @@ async def test_a_close_that_cannot_apply_leaves_the_batches_for_the_next_start(
     page = await again.store.since(2, None, 10)
     assert [(m.id, m.text) for m in page.messages] == [(sent.id, "kept")]
     await again.close()
+
+
+async def test_an_apply_on_the_timer_pauses_between_statements_and_a_reader_ends_the_pauses(
+        node: Node, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(msglog, "APPLY_DELAY", 0.01)
+    monkeypatch.setattr(msglog, "PAUSE_MIN", 0.3)  # 7 statements: over 2 s of pauses, if all were taken
+    real_pause = msglog.MessageLog._pause
+    pauses: list[bool] = []  # whether each pause was still taken (nobody in a hurry)
+    started = threading.Event()
+
+    def recorded_pause(self: msglog.MessageLog, elapsed: float) -> None:
+        pauses.append(not self._hurry)
+        started.set()
+        real_pause(self, elapsed)
+
+    monkeypatch.setattr(msglog.MessageLog, "_pause", recorded_pause)
+    sent = await asyncio.gather(*(node.send(1, 2, f"m{i}") for i in range(130)))
+    await asyncio.to_thread(started.wait, 10)  # the timer's apply is pausing
+    began = asyncio.get_running_loop().time()
+    page = await node.store.since(2, None, 200)  # waits for that apply, which stops pausing
+    waited = asyncio.get_running_loop().time() - began
+    assert [m.id for m in page.messages] == sorted(s.id for s in sent)
+    assert pauses[0] is True  # paced until the reader came
+    assert pauses[-1] is False and len(pauses) >= 6
+    assert waited < 1.2, waited  # at most the pause under way, not the ones left (1.8 s and more)

@@ -133,3 +133,26 @@ def test_connections_opened_at_once_on_a_new_file_all_get_wal(tmp_path: Path) ->
         for t in threads:
             t.join()
         assert out == ["wal"] * 6, (round_, out)
+
+
+def test_bulk_inserts_run_in_statements_of_at_most_64_rows_with_a_pause_after_each(tmp_path: Path) -> None:
+    from sqlalchemy import bindparam, insert
+    from sqlalchemy.dialects import sqlite
+
+    from clusterchat.storage.bulk import SQLITE_MAX_ROWS, Bulk
+    from clusterchat.storage.schema import inbox
+
+    conn = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    conn.execute("CREATE TABLE inbox (user_id INTEGER, seq INTEGER, message_id INTEGER, PRIMARY KEY (user_id, seq))")
+    statements: list[int] = []
+    conn.set_trace_callback(lambda sql: statements.append(sql.count("(") - 1) if sql.startswith("INSERT") else None)
+    bulk = Bulk(insert(inbox).values(user_id=bindparam("u"), seq=bindparam("s"), message_id=bindparam("m")),
+                sqlite.dialect(), ("u", "s", "m"))
+    rows = [(1 + i % 7, i, 1000 + i) for i in range(201)]
+    pauses: list[float] = []
+    bulk.run(conn.cursor(), rows, pauses.append)
+    assert statements == [64, 64, 64, 8, 1]  # rows per statement; the last row alone
+    assert len(pauses) == len(statements) and all(0 <= p < 5 for p in pauses)
+    assert conn.execute("SELECT user_id, seq, message_id FROM inbox ORDER BY seq").fetchall() == rows
+    assert max(statements) == SQLITE_MAX_ROWS
+    conn.close()

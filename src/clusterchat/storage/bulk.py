@@ -7,7 +7,8 @@ dialect and run on the DBAPI cursor with plain tuples. Still parameterized.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Insert, and_, bindparam, insert, or_, select, update
@@ -15,6 +16,7 @@ from sqlalchemy import Insert, and_, bindparam, insert, or_, select, update
 from clusterchat.storage.schema import inbox, inbox_state, message_cmids, messages
 
 SQLITE_MAX_VARIABLES = 999  # the lowest limit of SQLite builds still about (before 3.32)
+SQLITE_MAX_ROWS = 64  # rows of one multi-row INSERT: what a paced apply runs between two pauses (msglog.py)
 CMID_BUCKETS = (1, 4, 16, 64, 256)
 LOCK_BUCKETS = (1, 4, 16, 64, 256, 1024)
 MESSAGE_COLUMNS = ("id", "sender_id", "to_user_id", "group_id", "peer_lo", "peer_hi", "text", "ts")
@@ -29,7 +31,9 @@ class Bulk:
 
     On SQLite an INSERT of many rows runs as a few multi-row INSERTs (chunks of powers of
     two): the driver's `executemany` lets go of the GIL around every row, and in the writer
-    thread each row then waited for the event loop to hand it back.
+    thread each row then waited for the event loop to hand it back. At most
+    `SQLITE_MAX_ROWS` rows go in one statement, so that `run` can pause between
+    statements of a long batch (the SQLite message log's background apply does).
     """
 
     def __init__(self, statement: Any, dialect: Any, order: tuple[str, ...]) -> None:
@@ -41,22 +45,30 @@ class Bulk:
             if not values or "?" in tail:  # an ON CONFLICT clause after the row may follow, without parameters
                 raise RuntimeError(f"unexpected INSERT form {self.sql}")
             rows = 1
-            while rows * 2 * len(order) <= SQLITE_MAX_VARIABLES:
+            while rows * 2 * len(order) <= SQLITE_MAX_VARIABLES and rows * 2 <= SQLITE_MAX_ROWS:
                 rows *= 2
             while rows > 1:
                 self._chunks.append((rows, head + values + (", " + row) * (rows - 1) + tail))
                 rows //= 2
 
-    def run(self, cursor: Any, rows: list[tuple[Any, ...]]) -> None:
+    def run(self, cursor: Any, rows: list[tuple[Any, ...]], pause: Callable[[float], None] | None = None) -> None:
+        """Run the statement for every row; with `pause`, call it after each statement with
+        the seconds that statement took."""
         if not rows:
             return
         start = 0
         for size, sql in self._chunks:
             while len(rows) - start >= size:
+                began = time.perf_counter()
                 cursor.execute(sql, [value for row in rows[start:start + size] for value in row])
                 start += size
+                if pause is not None:
+                    pause(time.perf_counter() - began)
         if start < len(rows):
+            began = time.perf_counter()
             cursor.executemany(self.sql, rows[start:])
+            if pause is not None:
+                pause(time.perf_counter() - began)
 
 
 def compile_sql(statement: Any, dialect: Any, order: tuple[str, ...]) -> str:

@@ -19,6 +19,13 @@ transaction: after `APPLY_DELAY` seconds, at once when `APPLY_MAX` messages wait
 once when a reader waits. Being another file, the log has its own write lock: applying
 never holds up the next append.
 
+An apply on the timer is background work, and it is paced: after each statement (at most
+`bulk.SQLITE_MAX_ROWS` rows) it gives the CPU back for as long as that statement took, at
+least `PAUSE_MIN`, so it never runs for more than one short statement at a time while the
+event loop and the log writer, which replies wait for, want the cores. An apply that
+someone waits for (a reader, `APPLY_MAX` messages waiting, the close) is not paced, and a
+reader arriving during a paced apply ends its pauses.
+
 What this needs, all in this process (an SQLite database has one node):
 - message ids and inbox seqs are handed out from memory (`_next_id`, `_seqs`), loaded
   from the tables on start and for users not in the cache;
@@ -39,8 +46,9 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -80,6 +88,7 @@ LOG_SUFFIX = "-msglog"
 APPLY_DELAY = 0.1  # seconds a logged batch waits for more to be applied with it
 APPLY_MAX = 4096  # logged messages that are applied at once, without waiting for APPLY_DELAY
 APPLY_RETRY = 1.0  # seconds before an apply that failed is tried again
+PAUSE_MIN = 0.0005  # seconds a paced apply pauses at least after each statement
 SEQ_CACHE_MAX = 65536  # users whose last seq is kept in memory beyond those with batches to apply
 APPLIED_COUNTER = "message_log"
 _CREATE_LOG = "CREATE TABLE IF NOT EXISTS log_batches (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"
@@ -133,6 +142,7 @@ class MessageLog:
         self._pending: deque[LogBatch] = deque()  # logged, not yet taken by an apply
         self._pending_messages = 0
         self._apply_queued = False
+        self._hurry = False  # someone waits for the apply: no pauses
         self._trim_to = 0  # batches up to this one are applied and may leave the log
         self._trimmed = 0
         self.logged = 0  # the last batch committed to the log
@@ -267,7 +277,7 @@ class MessageLog:
             self.logged = batch.id
             urgent = self._pending_messages >= APPLY_MAX
         if urgent:
-            self._request_apply()
+            self._request_apply(hurry=True)
         elif first:
             self._loop.call_soon_threadsafe(self._arm)
 
@@ -339,9 +349,12 @@ class MessageLog:
 
     # ---- applying (in the main database's writer thread) ----
 
-    def _request_apply(self) -> None:
-        """From any thread: have the main writer apply what is logged (once queued is enough)."""
+    def _request_apply(self, *, hurry: bool) -> None:
+        """From any thread: have the main writer apply what is logged (once queued is enough);
+        `hurry`: someone waits for it, so no pauses (also in an apply already running)."""
         with self._lock:
+            if hurry:
+                self._hurry = True
             if self._apply_queued:
                 return
             self._apply_queued = True
@@ -357,11 +370,12 @@ class MessageLog:
             self._pending.clear()
             self._pending_messages = 0
             self._apply_queued = False
+            hurry, self._hurry = self._hurry, False
         if not batches:
             self._loop.call_soon_threadsafe(self._applied_through, self.applied, False)
             return
         try:
-            transaction(self._apply, batches)
+            transaction(self._apply, batches, None if hurry else self._pause)
         except Exception as exc:
             with self._lock:
                 self._pending.extendleft(reversed(batches))
@@ -374,6 +388,8 @@ class MessageLog:
             return
         upto = batches[-1].id
         with self._lock:
+            if not self._apply_queued:  # a hurry that came during this apply is over; a queued one keeps it
+                self._hurry = False
             self.applied = upto
             self._trim_to = upto
             for b in batches:
@@ -387,7 +403,12 @@ class MessageLog:
             more = bool(self._pending)
         self._loop.call_soon_threadsafe(self._applied_through, upto, more)
 
-    def _apply(self, cursor: Any, batches: Sequence[LogBatch]) -> None:
+    def _pause(self, elapsed: float) -> None:
+        """Between two statements of a paced apply: let the threads that replies wait for run."""
+        if not self._hurry:
+            time.sleep(max(PAUSE_MIN, elapsed))
+
+    def _apply(self, cursor: Any, batches: Sequence[LogBatch], pause: Callable[[float], None] | None = None) -> None:
         message_rows = []
         inbox_rows = []
         cmid_rows = []
@@ -406,10 +427,10 @@ class MessageLog:
                     acked[user_id] = seq
         state_rows = [(u, seq, acked.get(u, 0)) for u, seq in heads.items()]
         state_rows.extend((u, 0, seq) for u, seq in acked.items() if u not in heads)
-        self._sql.insert_message.run(cursor, message_rows)
-        self._sql.insert_inbox.run(cursor, inbox_rows)
-        self._set_state.run(cursor, state_rows)
-        self._put_cmid.run(cursor, cmid_rows)
+        self._sql.insert_message.run(cursor, message_rows, pause)
+        self._sql.insert_inbox.run(cursor, inbox_rows, pause)
+        self._set_state.run(cursor, state_rows, pause)
+        self._put_cmid.run(cursor, cmid_rows, pause)
         if message_rows:
             cursor.execute(self._set_counter, ("message_id", message_rows[-1][0]))
         cursor.execute(self._set_counter, (APPLIED_COUNTER, batches[-1].id))
@@ -425,7 +446,7 @@ class MessageLog:
             raise Unavailable("the node is shutting down")
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append((target, waiter))
-        self._request_apply()
+        self._request_apply(hurry=True)
         await waiter
 
     def _arm(self) -> None:
@@ -434,7 +455,7 @@ class MessageLog:
 
     def _due(self) -> None:
         self._timer = None
-        self._request_apply()
+        self._request_apply(hurry=False)
 
     def _applied_through(self, upto: int, more: bool) -> None:
         waiting = []
@@ -446,7 +467,7 @@ class MessageLog:
                 waiting.append((target, waiter))
         self._waiters = waiting
         if waiting:
-            self._request_apply()
+            self._request_apply(hurry=True)
         elif more:
             self._arm()
 
