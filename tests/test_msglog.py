@@ -308,7 +308,7 @@ async def test_a_close_that_cannot_apply_leaves_the_batches_for_the_next_start(
 async def test_an_apply_on_the_timer_pauses_between_statements_and_a_reader_ends_the_pauses(
         node: Node, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(msglog, "APPLY_DELAY", 0.01)
-    monkeypatch.setattr(msglog, "PAUSE_MIN", 0.3)  # 7 statements: over 2 s of pauses, if all were taken
+    monkeypatch.setattr(msglog, "PAUSE_MIN", 1.0)  # 7 statements: 7 s of pauses, if all were taken
     real_pause = msglog.MessageLog._pause
     pauses: list[bool] = []  # whether each pause was still taken (nobody in a hurry)
     started = threading.Event()
@@ -326,5 +326,5 @@ async def test_an_apply_on_the_timer_pauses_between_statements_and_a_reader_ends
     waited = asyncio.get_running_loop().time() - began
     assert [m.id for m in page.messages] == sorted(s.id for s in sent)
     assert pauses[0] is True  # paced until the reader came
-    assert pauses[-1] is False and len(pauses) >= 6
-    assert waited < 1.2, waited  # at most the pause under way, not the ones left (1.8 s and more)
+    assert pauses[-1] is False  # not after it came
+    assert waited < 3.0, waited  # at most the pause under way, not the ones left (6 s)
