@@ -310,10 +310,11 @@ async def test_cluster_starts_everything_and_sigint_stops_it(tmp_path: Path) -> 
                                      database="clusterchat")
         try:
             settings = await conn.fetchrow("SELECT current_setting('fsync'), current_setting('synchronous_commit'),"
-                                           " pg_size_bytes(current_setting('shared_buffers'))")
+                                           " pg_size_bytes(current_setting('shared_buffers')),"
+                                           " current_setting('wal_init_zero')")
         finally:
             await conn.close()
-        assert tuple(settings) == ("on", "on", durable_shared_buffers_mb() * 2**20), settings
+        assert tuple(settings) == ("on", "on", durable_shared_buffers_mb() * 2**20, "off"), settings
 
         await register_login_ping(cluster.host, cluster.port, "alice")
         await register_login_ping(cluster.host, cluster.ws_port, "bob", websocket=True)
