@@ -11,8 +11,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import bindparam, insert
+from sqlalchemy.dialects import sqlite
 
+from clusterchat.storage.bulk import SQLITE_MAX_ROWS, Bulk
 from clusterchat.storage.engine import Database, sqlite_connection
+from clusterchat.storage.schema import inbox
 
 
 @pytest.fixture
@@ -136,12 +140,6 @@ def test_connections_opened_at_once_on_a_new_file_all_get_wal(tmp_path: Path) ->
 
 
 def test_bulk_inserts_run_in_statements_of_at_most_64_rows_with_a_pause_after_each(tmp_path: Path) -> None:
-    from sqlalchemy import bindparam, insert
-    from sqlalchemy.dialects import sqlite
-
-    from clusterchat.storage.bulk import SQLITE_MAX_ROWS, Bulk
-    from clusterchat.storage.schema import inbox
-
     conn = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
     conn.execute("CREATE TABLE inbox (user_id INTEGER, seq INTEGER, message_id INTEGER, PRIMARY KEY (user_id, seq))")
     statements: list[int] = []

@@ -8,7 +8,7 @@ dialect and run on the DBAPI cursor with plain tuples. Still parameterized.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Insert, and_, bindparam, insert, or_, select, update
@@ -54,21 +54,25 @@ class Bulk:
     def run(self, cursor: Any, rows: list[tuple[Any, ...]], pause: Callable[[float], None] | None = None) -> None:
         """Run the statement for every row; with `pause`, call it after each statement with
         the seconds that statement took."""
-        if not rows:
-            return
+        for sql, chunk, many in self._statements(rows):
+            began = time.perf_counter()
+            if many:
+                cursor.executemany(sql, chunk)
+            else:
+                cursor.execute(sql, [value for row in chunk for value in row])
+            if pause is not None:
+                pause(time.perf_counter() - began)
+
+    def _statements(self, rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[tuple[Any, ...]], bool]]:
+        """(SQL, its rows, whether it runs with executemany): the multi-row INSERTs, largest
+        first, then what is left (everything, on dialects without them) row by row."""
         start = 0
         for size, sql in self._chunks:
             while len(rows) - start >= size:
-                began = time.perf_counter()
-                cursor.execute(sql, [value for row in rows[start:start + size] for value in row])
+                yield sql, rows[start:start + size], False
                 start += size
-                if pause is not None:
-                    pause(time.perf_counter() - began)
         if start < len(rows):
-            began = time.perf_counter()
-            cursor.executemany(self.sql, rows[start:])
-            if pause is not None:
-                pause(time.perf_counter() - began)
+            yield self.sql, rows[start:], True
 
 
 def compile_sql(statement: Any, dialect: Any, order: tuple[str, ...]) -> str:
