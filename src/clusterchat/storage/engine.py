@@ -107,7 +107,8 @@ class Database:
             self.reader = self.writer
             # The message writer's own connection (one batch at a time), without the pool's
             # ping: on asyncpg that ping is three round trips (BEGIN, ";", ROLLBACK) per batch.
-            # A connection found dead is replaced (see run_write and run_autocommit).
+            # A connection found dead during a batch is replaced and the batch run again
+            # (see run_write).
             self._batches = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_recycle=1800)
             self._checkpointer = None
             self.write_thread = None
@@ -156,34 +157,6 @@ class Database:
                     continue
                 await conn.commit()
                 return result
-
-    async def run_autocommit(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(cursor, *args)` on the message writer's connection outside any transaction
-        block: each statement is its own transaction (PostgreSQL's one-call batch, pg_batch.py).
-
-        A connection found closed before the call (the server restarted or ended it while it
-        was idle) is replaced first. One that dies during the call is not tried again: the
-        call may have committed, so it fails with `DisconnectionError` (`unavailable` to
-        clients, who resend with their cmid; never retried message by message).
-        """
-        async with self._batches.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            if driver is not None and driver.is_closed():
-                log.info("the message writer's database connection was closed while idle; opening a new one")
-                await conn.invalidate()
-                raw = await conn.get_raw_connection()  # a new one
-                driver = raw.driver_connection
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            try:
-                return await conn.run_sync(_on_cursor, fn, *args)
-            except Exception as exc:
-                if (driver is not None and driver.is_closed()) or self._batches.dialect.is_disconnect(
-                        cast(Any, exc), raw.dbapi_connection, None):
-                    # Not a bad row (which the writer would retry message by message): an outage.
-                    raise DisconnectionError("the database connection was lost during a call that may "
-                                             "have committed") from exc
-                raise
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to run from several nodes at once."""
