@@ -5,6 +5,7 @@ MySQL/MariaDB statement by statement; SQLite through its message log)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from clusterchat.clock import now_ms
+from clusterchat.errors import Unavailable, as_chat_error
 from clusterchat.storage.engine import Database
 from clusterchat.storage.inbox import MessageStore, MessageWriter
 from clusterchat.storage.records import CMID_WINDOW_MS, StoredMessage
@@ -181,5 +183,74 @@ async def test_a_write_whose_connection_dies_every_time_is_retried_once_then_fai
     # A database error (the driver's own, or SQLAlchemy's wrapping of it): the writer answers unavailable.
     assert isinstance(failure.value, (DBAPIError, *writer.db.driver_errors)), repr(failure.value)
     # The writer's next batch gets a new connection.
+    sent = await writer.send(1, 2, "after")
+    assert sent.deliveries == [(2, 1)]
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+async def test_a_postgresql_batch_whose_connection_dies_every_time_is_retried_once_then_fails(writer: Writer) -> None:
+    """`run_batch` (asyncpg's own connection, no adapter in between) keeps `run_write`'s
+    contract: one retry after a lost connection, then the adapter's DBAPI error, which the
+    writer answers with `unavailable`; the next batch gets a new connection."""
+    attempts = 0
+
+    async def kill_own_connection(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        with contextlib.suppress(Exception):  # the server ends the session while answering
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        await conn.fetchval("SELECT 1")  # on a connection the server has ended
+
+    with pytest.raises(Exception) as failure:
+        await asyncio.wait_for(writer.db.run_batch(kill_own_connection), 30)
+    assert attempts == 2, (attempts, repr(failure.value))
+    assert isinstance(failure.value, writer.db.driver_errors), repr(failure.value)
+    assert isinstance(as_chat_error(failure.value), Unavailable), repr(failure.value)
+    sent = await writer.send(1, 2, "after")
+    assert sent.deliveries == [(2, 1)]
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+async def test_a_postgresql_batch_that_fails_is_rolled_back_and_not_retried(writer: Writer) -> None:
+    """A statement error is not a lost connection: raised at once as the adapter's error,
+    everything the batch wrote before it rolled back, and the held connection used again."""
+    attempts = 0
+
+    async def insert_then_fail(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute("INSERT INTO counters (name, value) VALUES ('half', 1)")
+        await conn.execute("INSERT INTO counters (name, value) VALUES ('half', 2)")  # primary key taken
+
+    with pytest.raises(Exception) as failure:
+        await writer.db.run_batch(insert_then_fail)
+    assert attempts == 1
+    assert isinstance(failure.value, writer.db.driver_errors), repr(failure.value)
+    assert as_chat_error(failure.value) is None  # a bug or bad row, not an outage
+    assert await writer.sql("SELECT value FROM counters WHERE name = 'half'") == []
+    pid_before = await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+    sent = await writer.send(1, 2, "after")
+    assert sent.deliveries == [(2, 1)]
+    assert await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()")) == pid_before
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+async def test_a_postgresql_batch_that_fails_at_commit_is_never_run_again(writer: Writer) -> None:
+    """A failure at COMMIT may follow a commit (a lost connection), so the batch fails
+    (`unavailable` when the connection was lost) and is not run again. Here a deferred
+    constraint fails the COMMIT itself; the writer's next batch gets a new connection."""
+    await writer.sql("CREATE TABLE deferred_check (k INT, CONSTRAINT one_k UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)")
+    attempts = 0
+
+    async def fail_at_commit(conn: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute("INSERT INTO deferred_check (k) VALUES (1), (1)")  # checked at COMMIT
+
+    with pytest.raises(Exception) as failure:
+        await writer.db.run_batch(fail_at_commit)
+    assert attempts == 1
+    assert isinstance(failure.value, writer.db.driver_errors), repr(failure.value)
+    assert await writer.sql("SELECT count(*) FROM deferred_check") == [(0,)]
     sent = await writer.send(1, 2, "after")
     assert sent.deliveries == [(2, 1)]

@@ -9,10 +9,11 @@ with "database is locked") and a separate pool of readers; WAL lets them overlap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -22,7 +23,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from clusterchat.errors import register_unavailable
 from clusterchat.storage.wal import WalCheckpointer
@@ -37,6 +38,7 @@ register_unavailable(OperationalError, InterfaceError, DisconnectionError, PoolT
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps once it starts over
 WAL_SWITCH_TRIES = 40  # 50 ms apart: two seconds for another connection to finish switching a new file
 MIGRATIONS = Path(__file__).parent / "migrations"
+BATCH_CONNECTION_AGE = 1800.0  # seconds the message writer keeps one connection (the pools' pool_recycle)
 DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+asyncmy", "mariadb": "mysql+asyncmy",
            "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}  # fmt: skip
 
@@ -107,12 +109,14 @@ class Database:
             self.reader = self.writer
             # The message writer's own connection (one batch at a time), without the pool's
             # ping: on asyncpg that ping is three round trips (BEGIN, ";", ROLLBACK) per batch.
-            # A connection found dead during a batch is replaced and the batch run again
-            # (see run_write).
+            # It is held between batches; one found dead during a batch is replaced and the
+            # batch run again (see run_write).
             self._batches = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_recycle=1800)
             self._checkpointer = None
             self.write_thread = None
             self.sqlite_file = None
+        self._batch_conn: AsyncConnection | None = None
+        self._batch_conn_since = 0.0
 
         # The message writer runs on the driver's own cursor, so its errors arrive unwrapped:
         # the driver's "cannot reach the database" errors are `unavailable` too.
@@ -141,22 +145,102 @@ class Database:
             return await future
         retried = False
         while True:
-            async with self._batches.connect() as conn:
+            conn = await self._batch_connection()
+            try:
                 await conn.begin()
-                try:
-                    result = await conn.run_sync(_on_cursor, fn, *args)
-                except Exception as exc:
-                    raw = await conn.get_raw_connection()
-                    if retried or not self._batches.dialect.is_disconnect(cast(Any, exc), raw.dbapi_connection, None):
-                        raise
-                    # Lost before COMMIT was sent: the server rolled it back, nothing was
-                    # written, so the same transaction runs again on a new connection.
-                    log.info("database connection lost before a write committed; retrying on a new one")
-                    await conn.invalidate()
-                    retried = True
-                    continue
+                result = await conn.run_sync(_on_cursor, fn, *args)
+            except Exception as exc:
+                await self._after_failed_batch(exc, retried)
+                retried = True
+                continue
+            except BaseException:  # cancelled mid-batch: never reuse a connection in an unknown state
+                await self._drop_batch_connection()
+                raise
+            try:
                 await conn.commit()
-                return result
+            except BaseException:
+                await self._drop_batch_connection()
+                raise
+            return result
+
+    async def run_batch(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """PostgreSQL: `await fn(connection, *args)` in one transaction, committed when it returns.
+
+        `connection` is asyncpg's own, on the message writer's held connection: through
+        SQLAlchemy's adapter (a pool checkout, a greenlet, the adapted cursor) the same four
+        round trips cost the node ~2.4 times the CPU (docs/design.md, "On PostgreSQL").
+        Errors are the adapter's DBAPI errors, as `run_write` raises them, and a batch whose
+        connection was lost before COMMIT was sent runs again once on a new connection.
+        """
+        retried = False
+        while True:
+            conn = await self._batch_connection()
+            raw = await conn.get_raw_connection()
+            adapted, driver = raw.dbapi_connection, cast(Any, raw.driver_connection)
+            transaction = driver.transaction()
+            try:
+                await transaction.start()
+                result = await fn(driver, *args)
+            except Exception as exc:
+                failure = _adapted_error(adapted, exc)
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                await self._after_failed_batch(failure, retried, cause=exc)
+                retried = True
+                continue
+            except BaseException:  # cancelled mid-batch: never reuse a connection in an unknown state
+                await self._drop_batch_connection()
+                raise
+            try:
+                await transaction.commit()
+            except Exception as exc:
+                # Maybe committed, maybe not: never run again (a retried cmid is deduplicated).
+                await self._drop_batch_connection()
+                raise _adapted_error(adapted, exc) from exc
+            except BaseException:
+                await self._drop_batch_connection()
+                raise
+            return result
+
+    async def _batch_connection(self) -> AsyncConnection:
+        """The message writer's connection, held between batches (no checkout per batch)
+        and given back to the pool to be recycled after `BATCH_CONNECTION_AGE` seconds."""
+        conn = self._batch_conn
+        if conn is not None and time.monotonic() - self._batch_conn_since > BATCH_CONNECTION_AGE:
+            self._batch_conn = None
+            with contextlib.suppress(Exception):
+                await conn.close()
+            conn = None
+        if conn is None:
+            conn = self._batch_conn = await self._batches.connect()
+            self._batch_conn_since = time.monotonic()
+        return conn
+
+    async def _drop_batch_connection(self) -> None:
+        conn, self._batch_conn = self._batch_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _after_failed_batch(self, exc: Exception, retried: bool, *, cause: BaseException | None = None) -> None:
+        """A batch failed before COMMIT: raise `exc`, unless its connection was lost for the
+        first time (the server rolled it back, nothing was written, and no other batch ran in
+        between, so it can run again on a new connection: return)."""
+        conn = self._batch_conn
+        raw = await conn.get_raw_connection() if conn is not None and not conn.invalidated else None
+        lost = self._batches.dialect.is_disconnect(cast(Any, exc), raw.dbapi_connection if raw else None, None)
+        if lost or raw is None:
+            await self._drop_batch_connection()
+        else:
+            with contextlib.suppress(Exception):
+                await conn.rollback()  # type: ignore[union-attr]
+        if retried or not lost:
+            if cause is None:
+                raise exc
+            raise exc from cause
+        log.info("database connection lost before a write committed; retrying on a new one")
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration; safe to run from several nodes at once."""
@@ -185,6 +269,10 @@ class Database:
             await asyncio.to_thread(self._checkpointer.close)
         await self.writer.dispose()
         if not self.is_sqlite:
+            conn, self._batch_conn = self._batch_conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
             await self._batches.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
@@ -245,6 +333,15 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
 
 def _sqlite_reader_connect(dbapi_connection: Any, _record: Any) -> None:
     _sqlite_pragmas(dbapi_connection)
+
+
+def _adapted_error(adapted: Any, exc: Exception) -> Exception:
+    """asyncpg's exception as SQLAlchemy's asyncpg adapter raises it (its DBAPI error classes)."""
+    try:
+        adapted._handle_exception(exc)
+    except Exception as translated:
+        return translated
+    return exc
 
 
 def _on_cursor(conn: Connection, fn: Callable[..., T], *args: Any) -> T:

@@ -256,7 +256,10 @@ class MessageWriter:
 
     async def _write(self, sends: list[OutgoingMessage], acks: dict[int, int]) -> None:
         try:
-            await self._db.run_write(self._transaction, sends, acks)
+            if self._pg is not None:  # the same transaction in four round trips (pg_batch.py)
+                await self._db.run_batch(self._pg.write, sends, acks, now_ms())
+            else:
+                await self._db.run_write(self._transaction, sends, acks)
         except Exception as exc:
             if self._retry_singly(exc, sends, acks):
                 for s in sends:
@@ -323,9 +326,6 @@ class MessageWriter:
         # Every statement here is compiled once (in __init__) and runs on the driver's own
         # cursor: per batch, SQLAlchemy's execution machinery cost more than the database.
         ts = now_ms()
-        if self._pg is not None:  # the same transaction in four round trips (pg_batch.py)
-            self._pg.write(cursor, sends, ack_seq, ts)
-            return
         for s in sends:
             s.stored = None
         fresh, twins = self._dedupe(cursor, sends, ts)

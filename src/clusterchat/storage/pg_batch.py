@@ -108,18 +108,19 @@ class PgBatch:
         self.store = _compile(_WRITE, dialect, _WRITE_ORDER)
         self._delete_cmid = _compile(_DELETE_CMID, dialect, ("sender", "cmid"))
 
-    def write(self, cursor: Any, sends: list[OutgoingMessage], ack_seq: dict[int, int], ts: int) -> None:
-        """In the caller's transaction: store `sends` and `ack_seq`, setting each send's `stored`."""
+    async def write(self, conn: Any, sends: list[OutgoingMessage], ack_seq: dict[int, int], ts: int) -> None:
+        """In the caller's transaction on asyncpg's connection `conn` (`Database.run_batch`):
+        store `sends` and `ack_seq`, setting each send's `stored`."""
         for s in sends:
             s.stored = None
         keyed = sorted({(s.sender_id, s.cmid) for s in sends if s.cmid is not None})
         # Every recipient of the batch is locked, retries included (a superset: harmless).
         users = sorted({r for s in sends for r in s.recipients} | set(ack_seq))
-        cursor.execute(self.lock_and_find, (users, [k[0] for k in keyed], [k[1] for k in keyed]))
+        rows = await conn.fetch(self.lock_and_find, users, [k[0] for k in keyed], [k[1] for k in keyed])
         last_seq: dict[int, int] = {}
         known: dict[tuple[int, str], tuple[int, int]] = {}
         expired: list[tuple[int, str]] = []
-        for user_or_sender, seq_or_id, cmid, row_ts in cursor.fetchall():
+        for user_or_sender, seq_or_id, cmid, row_ts in rows:
             if cmid is None:
                 last_seq[user_or_sender] = seq_or_id
             elif row_ts > ts - CMID_WINDOW_MS:
@@ -127,7 +128,7 @@ class PgBatch:
             else:
                 expired.append((user_or_sender, cmid))
         if expired:  # a cmid past its window is used again (rare: one more round trip, pipelined)
-            cursor.executemany(self._delete_cmid, expired)
+            await conn.executemany(self._delete_cmid, expired)
         fresh, twins = split_retries(sends, known)
         start = dict(last_seq)
 
@@ -137,7 +138,7 @@ class PgBatch:
         if not fresh:
             if acked:
                 users_acked = sorted(acked)
-                cursor.execute(self._state, (users_acked, [0] * len(users_acked), [acked[u] for u in users_acked]))
+                await conn.execute(self._state, users_acked, [0] * len(users_acked), [acked[u] for u in users_acked])
             return
 
         columns: tuple[list[Any], ...] = tuple([] for _ in range(7))
@@ -160,10 +161,9 @@ class PgBatch:
                 cmid_rows[1].append(s.cmid)
                 cmid_rows[2].append(k)
         state_users = sorted({u for u, seq in last_seq.items() if seq != start[u]} | set(acked))
-        cursor.execute(self.store, (
-            len(fresh), ts, *columns, *inbox_rows, *cmid_rows,
-            state_users, [last_seq.get(u, 0) for u in state_users], [acked.get(u, 0) for u in state_users]))
-        row = cursor.fetchone()
+        row = await conn.fetchrow(
+            self.store, len(fresh), ts, *columns, *inbox_rows, *cmid_rows,
+            state_users, [last_seq.get(u, 0) for u in state_users], [acked.get(u, 0) for u in state_users])
         if row is None or row[0] is None:
             raise RuntimeError("the message_id counter is missing")
         base = int(row[0])
