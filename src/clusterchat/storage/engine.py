@@ -143,25 +143,12 @@ class Database:
 
             self.write_thread.submit(job)
             return await future
-        retried = False
-        while True:
-            conn = await self._batch_connection()
-            try:
-                await conn.begin()
-                result = await conn.run_sync(_on_cursor, fn, *args)
-            except Exception as exc:
-                await self._after_failed_batch(exc, retried)
-                retried = True
-                continue
-            except BaseException:  # cancelled mid-batch: never reuse a connection in an unknown state
-                await self._drop_batch_connection()
-                raise
-            try:
-                await conn.commit()
-            except BaseException:
-                await self._drop_batch_connection()
-                raise
-            return result
+
+        async def attempt(conn: AsyncConnection) -> tuple[T, Callable[[], Awaitable[None]]]:
+            await conn.begin()
+            return await conn.run_sync(_on_cursor, fn, *args), conn.commit
+
+        return await self._held_transaction(attempt)
 
     async def run_batch(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """PostgreSQL: `await fn(connection, *args)` in one transaction, committed when it returns.
@@ -172,9 +159,8 @@ class Database:
         Errors are the adapter's DBAPI errors, as `run_write` raises them, and a batch whose
         connection was lost before COMMIT was sent runs again once on a new connection.
         """
-        retried = False
-        while True:
-            conn = await self._batch_connection()
+
+        async def attempt(conn: AsyncConnection) -> tuple[T, Callable[[], Awaitable[None]]]:
             raw = await conn.get_raw_connection()
             adapted, driver = raw.dbapi_connection, cast(Any, raw.driver_connection)
             transaction = driver.transaction()
@@ -182,21 +168,40 @@ class Database:
                 await transaction.start()
                 result = await fn(driver, *args)
             except Exception as exc:
-                failure = _adapted_error(adapted, exc)
                 with contextlib.suppress(Exception):
                     await transaction.rollback()
-                await self._after_failed_batch(failure, retried, cause=exc)
+                raise _adapted_error(adapted, exc) from exc
+
+            async def commit() -> None:
+                try:
+                    await transaction.commit()
+                except Exception as exc:
+                    raise _adapted_error(adapted, exc) from exc
+
+            return result, commit
+
+        return await self._held_transaction(attempt)
+
+    async def _held_transaction(
+            self, attempt: Callable[[AsyncConnection], Awaitable[tuple[T, Callable[[], Awaitable[None]]]]]) -> T:
+        """`attempt` a transaction on the held connection, then its commit. Lost before COMMIT
+        was sent: the server rolled it back, nothing was written, and no other batch ran in
+        between, so it runs again, once, on a new connection. A failed COMMIT is never run
+        again (it may have committed; a client's retry with the same cmid is deduplicated)."""
+        retried = False
+        while True:
+            conn = await self._batch_connection()
+            try:
+                result, commit = await attempt(conn)
+            except Exception as exc:
+                await self._after_failed_batch(exc, retried)
                 retried = True
                 continue
             except BaseException:  # cancelled mid-batch: never reuse a connection in an unknown state
                 await self._drop_batch_connection()
                 raise
             try:
-                await transaction.commit()
-            except Exception as exc:
-                # Maybe committed, maybe not: never run again (a retried cmid is deduplicated).
-                await self._drop_batch_connection()
-                raise _adapted_error(adapted, exc) from exc
+                await commit()
             except BaseException:
                 await self._drop_batch_connection()
                 raise
@@ -224,10 +229,9 @@ class Database:
             with contextlib.suppress(Exception):
                 await conn.close()
 
-    async def _after_failed_batch(self, exc: Exception, retried: bool, *, cause: BaseException | None = None) -> None:
+    async def _after_failed_batch(self, exc: Exception, retried: bool) -> None:
         """A batch failed before COMMIT: raise `exc`, unless its connection was lost for the
-        first time (the server rolled it back, nothing was written, and no other batch ran in
-        between, so it can run again on a new connection: return)."""
+        first time (then return: it runs again on a new connection)."""
         conn = self._batch_conn
         raw = await conn.get_raw_connection() if conn is not None and not conn.invalidated else None
         lost = self._batches.dialect.is_disconnect(cast(Any, exc), raw.dbapi_connection if raw else None, None)
@@ -237,9 +241,7 @@ class Database:
             with contextlib.suppress(Exception):
                 await conn.rollback()  # type: ignore[union-attr]
         if retried or not lost:
-            if cause is None:
-                raise exc
-            raise exc from cause
+            raise exc
         log.info("database connection lost before a write committed; retrying on a new one")
 
     async def upgrade(self) -> None:
