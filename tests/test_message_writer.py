@@ -254,3 +254,28 @@ async def test_a_postgresql_batch_that_fails_at_commit_is_never_run_again(writer
     assert await writer.sql("SELECT count(*) FROM deferred_check") == [(0,)]
     sent = await writer.send(1, 2, "after")
     assert sent.deliveries == [(2, 1)]
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
+async def test_a_postgresql_connection_whose_rollback_failed_is_never_used_again(
+        writer: Writer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed batch the transaction is rolled back; if even that fails, the
+    connection's state is unknown, and the next batch runs on a new one."""
+    import asyncpg.transaction
+
+    pid = await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+
+    async def broken_rollback(self: Any) -> None:
+        raise OSError("rollback failed")
+
+    async def fail(conn: Any) -> None:
+        await conn.execute("SELECT 1/0")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(asyncpg.transaction.Transaction, "rollback", broken_rollback)
+        with pytest.raises(Exception) as failure:
+            await writer.db.run_batch(fail)
+    assert isinstance(failure.value, writer.db.driver_errors), repr(failure.value)
+    assert await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()")) != pid
+    sent = await writer.send(1, 2, "after")
+    assert sent.deliveries == [(2, 1)]

@@ -117,6 +117,7 @@ class Database:
             self.sqlite_file = None
         self._batch_conn: AsyncConnection | None = None
         self._batch_conn_since = 0.0
+        self._batch_conn_unsure = False  # a failed batch could not be rolled back on it
 
         # The message writer runs on the driver's own cursor, so its errors arrive unwrapped:
         # the driver's "cannot reach the database" errors are `unavailable` too.
@@ -168,8 +169,10 @@ class Database:
                 await transaction.start()
                 result = await fn(driver, *args)
             except Exception as exc:
-                with contextlib.suppress(Exception):
+                try:
                     await transaction.rollback()
+                except Exception:
+                    self._batch_conn_unsure = True  # never reuse it, whatever the error was
                 raise _adapted_error(adapted, exc) from exc
 
             async def commit() -> None:
@@ -223,6 +226,7 @@ class Database:
 
     async def _drop_batch_connection(self) -> None:
         conn, self._batch_conn = self._batch_conn, None
+        self._batch_conn_unsure = False
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.invalidate()
@@ -235,7 +239,7 @@ class Database:
         conn = self._batch_conn
         raw = await conn.get_raw_connection() if conn is not None and not conn.invalidated else None
         lost = self._batches.dialect.is_disconnect(cast(Any, exc), raw.dbapi_connection if raw else None, None)
-        if lost or raw is None:
+        if lost or raw is None or self._batch_conn_unsure:
             await self._drop_batch_connection()
         else:
             with contextlib.suppress(Exception):
