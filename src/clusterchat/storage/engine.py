@@ -110,7 +110,7 @@ class Database:
             # The message writer's own connection (one batch at a time), without the pool's
             # ping: on asyncpg that ping is three round trips (BEGIN, ";", ROLLBACK) per batch.
             # It is held between batches; one found dead during a batch is replaced and the
-            # batch run again (see run_write).
+            # batch run again (see _held_transaction).
             self._batches = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_recycle=1800)
             self._checkpointer = None
             self.write_thread = None
@@ -213,23 +213,22 @@ class Database:
     async def _batch_connection(self) -> AsyncConnection:
         """The message writer's connection, held between batches (no checkout per batch)
         and given back to the pool to be recycled after `BATCH_CONNECTION_AGE` seconds."""
+        if self._batch_conn is not None and time.monotonic() - self._batch_conn_since > BATCH_CONNECTION_AGE:
+            await self._drop_batch_connection(invalidate=False)
         conn = self._batch_conn
-        if conn is not None and time.monotonic() - self._batch_conn_since > BATCH_CONNECTION_AGE:
-            self._batch_conn = None
-            with contextlib.suppress(Exception):
-                await conn.close()
-            conn = None
         if conn is None:
             conn = self._batch_conn = await self._batches.connect()
             self._batch_conn_since = time.monotonic()
         return conn
 
-    async def _drop_batch_connection(self) -> None:
+    async def _drop_batch_connection(self, *, invalidate: bool = True) -> None:
+        """Let go of the held connection: back to the pool, or (`invalidate`) closed for good."""
         conn, self._batch_conn = self._batch_conn, None
         self._batch_conn_unsure = False
         if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.invalidate()
+            if invalidate:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
             with contextlib.suppress(Exception):
                 await conn.close()
 
@@ -275,10 +274,7 @@ class Database:
             await asyncio.to_thread(self._checkpointer.close)
         await self.writer.dispose()
         if not self.is_sqlite:
-            conn, self._batch_conn = self._batch_conn, None
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.close()
+            await self._drop_batch_connection(invalidate=False)
             await self._batches.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
