@@ -9,13 +9,14 @@ a temporary folder, everything removed on exit.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from clusterchat.launcher.backends import start_mariadb, start_postgres
+from clusterchat.launcher.backends import MariaDbServer, PgServer, start_mariadb, start_postgres
 
 
 def main() -> int:
@@ -24,6 +25,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with tempfile.TemporaryDirectory(prefix="clusterchat-bench-db-") as base:
+        context: contextlib.AbstractContextManager[PgServer | MariaDbServer]
         if kind == "postgresql":
             context = start_postgres(Path(base), durable=True)
         elif kind == "mariadb":

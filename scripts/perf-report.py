@@ -49,9 +49,9 @@ def bench(target: str, pid: int, users: int, duration: float, extra: list[str], 
     return data
 
 
-def pick(data: dict, *keys: str) -> float:
+def pick(data: dict[str, Any], *keys: str) -> float:
     for key in keys:
-        node = data
+        node: Any = data
         try:
             for part in key.split("."):
                 node = node[part]

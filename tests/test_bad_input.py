@@ -83,6 +83,11 @@ def assert_error_reply(msg: dict[str, Any], code: str, *, rid: Any = None, op: s
     assert isinstance(message, str) and message and "Traceback" not in message and len(message) < 300
 
 
+def queued_events(client: ChatClient) -> list[dict[str, Any]]:
+    """The events waiting in `client`'s queue, left there."""
+    return list(client.events._queue)  # type: ignore[attr-defined]  # asyncio.Queue keeps a deque
+
+
 def names_field(message: str, name: str) -> bool:
     """Does an error message name the field (as `name`, 'name', "name" or `field name`)?"""
     return re.search(rf"[`'\"]{re.escape(name)}[`'\"]|\bfield {re.escape(name)}\b", message) is not None
@@ -149,9 +154,9 @@ async def test_unknown_op_echoes_rid(node: NodeProcess) -> None:
 
 async def test_op_needing_login_is_refused_before_login(node: NodeProcess) -> None:
     raw = await Raw.connect(node)
-    await raw.send(b"".join(frame(op=op, rid=op, **fields) for op, fields in [
-        ("send", {"to": 1, "text": "hi"}), ("friends", {}), ("sync", {"after": 0}), ("logout", {}),
-    ]))
+    requests: list[tuple[str, dict[str, Any]]] = [
+        ("send", {"to": 1, "text": "hi"}), ("friends", {}), ("sync", {"after": 0}), ("logout", {})]
+    await raw.send(b"".join(frame(op=op, rid=op, **fields) for op, fields in requests))
     for op in ("send", "friends", "sync", "logout"):
         assert_error_reply(await raw.read(5), "not_logged_in", rid=op, op=op)
     await raw.close()
@@ -294,8 +299,8 @@ async def test_huge_line_without_newline_is_cut_off(node: NodeProcess) -> None:
             await asyncio.sleep(0.02)
         return times
 
-    *results, ping_times = await asyncio.gather(*(send_huge_line(node, 10 * MB) for _ in range(3)),
-                                                ping_meanwhile())
+    huge = asyncio.gather(*(send_huge_line(node, 10 * MB) for _ in range(3)))
+    results, ping_times = await asyncio.gather(huge, ping_meanwhile())
     for frames in results:
         assert len(frames) == 1, frames
         assert_error_event(frames[0], "frame_too_large")
@@ -391,8 +396,8 @@ async def test_send_with_wrong_field_types(node: NodeProcess) -> None:
     good = [("x" * 4096, None), ("é" * 4096, "c" * 64), ("😀" * 4096, "d")]
     ids = []
     for text, cmid in good:
-        fields = {"to": bob.id, "text": text} | ({"cmid": cmid} if cmid else {})
-        reply = await raw.request(op="send", **fields)
+        send: dict[str, Any] = {"to": bob.id, "text": text} | ({"cmid": cmid} if cmid else {})
+        reply = await raw.request(op="send", **send)
         assert reply["ok"] is True, reply
         ids.append(reply["id"])
     got = [await bob.client.next_event("message") for _ in good]
@@ -515,7 +520,7 @@ async def test_client_that_never_reads_is_dropped(start_node: StartNode) -> None
             assert reply["ok"] is True, reply
             acked.append(reply["id"])
         n += 50
-        if dropped_after is None and any(e.get("event") == "presence" for e in list(flooder.client.events._queue)):
+        if dropped_after is None and any(e.get("event") == "presence" for e in queued_events(flooder.client)):
             dropped_after = n
     done.set()
     await chatter
@@ -574,7 +579,7 @@ async def test_dropped_client_connection_is_released(start_node: StartNode, webs
         await flooder.client.send_raw(b"".join(frame(op="send", rid=rid, to=victim_id, text="z" * 4000)
                                                for rid in rids))
         await asyncio.gather(*futures)
-        if any(e.get("event") == "presence" for e in list(flooder.client.events._queue)):
+        if any(e.get("event") == "presence" for e in queued_events(flooder.client)):
             break
     assert (await flooder.client.next_event("presence", timeout=5))["online"] is False
     for _ in range(20):  # 2 s

@@ -182,7 +182,7 @@ def test_boundaries_accepted() -> None:
     assert decode({"op": "register", "name": "a", "password": "p" * 6}).password == "p" * 6  # type: ignore[attr-defined]
     assert decode({"op": "register", "name": "a", "password": "p" * 128}).password == "p" * 128  # type: ignore[attr-defined]
     assert decode({"op": "send", "to": 1, "text": "t" * 4096}).text == "t" * 4096  # type: ignore[attr-defined]
-    assert decode({"op": "send", "to": 1, "text": "é" * 4096}).text == "é" * 4096  # characters, not bytes  # type: ignore[attr-defined]
+    assert decode({"op": "send", "to": 1, "text": "é" * 4096}).text == "é" * 4096  # type: ignore[attr-defined]  # characters, not bytes
     assert decode({"op": "send", "to": 1, "text": "line 1\nline 2\t\x01"}).text == "line 1\nline 2\t\x01"  # type: ignore[attr-defined]
     # NUL is refused: PostgreSQL cannot store it.
     with pytest.raises(RequestError, match="`text`: must not contain the NUL character"):
@@ -481,7 +481,7 @@ def test_huge_numbers_are_an_error_not_a_crash() -> None:
 
 # ---- fuzz ----------------------------------------------------------------------------------
 
-_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
+_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=20)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(_text, children, max_size=4),
@@ -573,11 +573,11 @@ def test_fuzz_request_shaped_objects(op: str, fields: dict[str, Any]) -> None:
 
 
 # valid requests, generated from the documented field types
-_names = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zs", "Zl", "Zp")), min_size=1, max_size=32)
+_names = st.text(alphabet=st.characters(exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp")), min_size=1, max_size=32)
 _ids = st.integers(min_value=1, max_value=MAX_ID - 1)
 _seqs = st.integers(min_value=0, max_value=MAX_ID - 1)
-_any_text = st.characters(blacklist_categories=("Cs",))
-_stored_text = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")  # NUL is refused
+_any_text = st.characters(exclude_categories=["Cs"])
+_stored_text = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")  # NUL is refused
 _texts = st.text(alphabet=_stored_text, min_size=1, max_size=4096)
 _notes = st.text(alphabet=_stored_text, max_size=256)
 _cmids = st.text(alphabet=_stored_text, min_size=1, max_size=64)

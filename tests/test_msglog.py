@@ -220,7 +220,7 @@ async def test_a_failed_apply_fails_the_waiting_read_and_is_retried_without_loss
     monkeypatch.setattr(msglog, "APPLY_DELAY", 60.0)
     monkeypatch.setattr(msglog, "APPLY_RETRY", 0.05)
     real_apply = msglog.MessageLog._apply
-    failures = []
+    failures: list[int] = []
 
     def failing_apply(self: msglog.MessageLog, cursor: Any, batches: Any, *pause: Any) -> None:
         if not failures:

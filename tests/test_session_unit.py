@@ -327,7 +327,7 @@ def test_malformed_frames_get_errors_in_order() -> None:
 
 # ---- login gate ----------------------------------------------------------------------------------
 
-NEEDS_LOGIN = sorted(cls.__struct_config__.tag for cls in ALL_REQUESTS if cls.needs_login)  # type: ignore[misc]
+NEEDS_LOGIN = sorted(str(cls.__struct_config__.tag) for cls in ALL_REQUESTS if cls.needs_login)
 
 SAMPLE_FIELDS: dict[str, dict[str, Any]] = {
     "lookup": {"name": "bob"}, "friend_request": {"user_id": 2}, "friend_accept": {"user_id": 2},
@@ -472,7 +472,7 @@ async def test_coroutine_outcome_is_spawned_and_its_result_goes_through_reply_bo
         await release.wait()
         return value
 
-    results = {1: 1234, 2: {"plain": True}, 3: None}
+    results: dict[Any, Any] = {1: 1234, 2: {"plain": True}, 3: None}
     node.handler = lambda s, r: work(results[r.rid])
     session.on_frames([send(1), send(2), send(3)])
     await settle()

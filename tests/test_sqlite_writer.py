@@ -130,7 +130,8 @@ def test_connections_opened_at_once_on_a_new_file_all_get_wal(tmp_path: Path) ->
             out.append(exc)
 
     for round_ in range(50):
-        path, barrier, out = str(tmp_path / f"new{round_}.db"), threading.Barrier(6), []
+        path, barrier = str(tmp_path / f"new{round_}.db"), threading.Barrier(6)
+        out: list[object] = []
         threads = [threading.Thread(target=open_one, args=(path, i % 2 == 0, barrier, out)) for i in range(6)]
         for t in threads:
             t.start()

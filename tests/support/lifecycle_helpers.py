@@ -255,7 +255,7 @@ async def new_user(node: NodeProcess, prefix: str = "u", *, websocket: bool = Fa
 async def login(node: NodeProcess, name: str, *, websocket: bool = False, token: str | None = None) -> User:
     """Log an existing user in on a new connection (with its password, or `token`)."""
     client = await connect(node, websocket=websocket)
-    creds = {"token": token} if token is not None else {"name": name, "password": PASSWORD}
+    creds: dict[str, Any] = {"token": token} if token is not None else {"name": name, "password": PASSWORD}
     reply = await client.call("login", **creds)
     return User(client, reply["user"]["id"], name, reply)
 
