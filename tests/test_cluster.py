@@ -25,7 +25,7 @@ from clusterchat.cluster.codec import Batch, Kick, Names, WireMessage, decode, e
 from support.backends import RedisServer
 from support.cluster import ClusterNodes, MakeCluster, start_cluster
 from support.node import NodeProcess
-from support.users import PASSWORD, User, assert_error, by_id, events_of, make_friends, quiet
+from support.users import PASSWORD, Chat, User, assert_error, by_id, events_of, make_friends, quiet
 
 
 @pytest.fixture
@@ -372,15 +372,27 @@ async def test_a_killed_node_is_dead_within_15_s_and_nothing_is_lost(make_cluste
         assert await carol.quiet() == [presence(dave2, True)]
 
 
+async def friends_on_two_nodes(c1: Chat, c2: Chat) -> tuple[User, User, User]:
+    """alice and carol on the first node, bob on the second; alice is friends with both."""
+    alice = await c1.user("alice")
+    carol = await c1.user("carol")
+    bob = await c2.user("bob")
+    await make_friends(alice, bob)
+    await make_friends(alice, carol)
+    return alice, carol, bob
+
+
+def assert_not_restarted(cluster: ClusterNodes, pids: list[int]) -> None:
+    """The nodes that started the test are the ones running at its end."""
+    assert [node.pid for node in cluster.nodes] == pids
+    assert all(node.proc and node.proc.poll() is None for node in cluster.nodes)
+
+
 async def test_redis_restart_while_nodes_run(make_cluster: MakeCluster, redis_server: RedisServer) -> None:
     cluster = make_cluster(2)
     pids = [node.pid for node in cluster.nodes]
     async with cluster.chats() as (c1, c2):
-        alice = await c1.user("alice")
-        carol = await c1.user("carol")
-        bob = await c2.user("bob")
-        await make_friends(alice, bob)
-        await make_friends(alice, carol)
+        alice, carol, bob = await friends_on_two_nodes(c1, c2)
         await c1.register("dan")
         redis_server.stop()
         try:
@@ -410,8 +422,7 @@ async def test_redis_restart_while_nodes_run(make_cluster: MakeCluster, redis_se
         await bob.client.close()
         assert (await alice.event("presence", within=10)) == presence(bob, False)
         assert cluster.live_nodes() == {"n1", "n2"}
-        assert [node.pid for node in cluster.nodes] == pids and all(n.proc and n.proc.poll() is None
-                                                                    for n in cluster.nodes)
+        assert_not_restarted(cluster, pids)
 
 
 async def test_a_30_s_redis_outage_outlives_the_dead_node_timeout(make_cluster: MakeCluster,
@@ -422,11 +433,7 @@ async def test_a_30_s_redis_outage_outlives_the_dead_node_timeout(make_cluster: 
     cluster = make_cluster(2)
     pids = [node.pid for node in cluster.nodes]
     async with cluster.chats() as (c1, c2):
-        alice = await c1.user("alice")
-        carol = await c1.user("carol")
-        bob = await c2.user("bob")
-        await make_friends(alice, bob)
-        await make_friends(alice, carol)
+        alice, carol, bob = await friends_on_two_nodes(c1, c2)
         await c2.register("dan")
         for user in (alice, bob, carol):
             await quiet(user.client)
@@ -472,8 +479,7 @@ async def test_a_30_s_redis_outage_outlives_the_dead_node_timeout(make_cluster: 
         while (ev := await alice.event("presence", within=10))["user_id"] != dan.id:
             assert ev == presence(bob, True)  # bob's presence may be announced again after the outage
         assert ev == presence(dan, False)
-        assert [node.pid for node in cluster.nodes] == pids and all(n.proc and n.proc.poll() is None
-                                                                    for n in cluster.nodes)
+        assert_not_restarted(cluster, pids)
 
 
 async def test_a_killed_subscription_resubscribes_and_catches_up(make_cluster: MakeCluster) -> None:
