@@ -472,7 +472,7 @@ async def test_a_30_s_redis_outage_outlives_the_dead_node_timeout(make_cluster: 
         assert (await alice.call("friends"))["friends"] == by_id([
             {"id": bob.id, "name": "bob", "online": True}, {"id": carol.id, "name": "carol", "online": True}])
         assert (await bob.call("friends"))["friends"] == [{"id": alice.id, "name": "alice", "online": True}]
-        # A login on either node works, and presence crosses nodes again.
+        # A login on the other node works, and presence crosses nodes again.
         dan = await c2.login("dan")
         await make_friends(alice, dan)
         await dan.client.close()
