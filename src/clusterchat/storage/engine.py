@@ -38,7 +38,7 @@ register_unavailable(OperationalError, InterfaceError, DisconnectionError, PoolT
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the WAL file keeps once it starts over
 WAL_SWITCH_TRIES = 40  # 50 ms apart: two seconds for another connection to finish switching a new file
 MIGRATIONS = Path(__file__).parent / "migrations"
-BATCH_CONNECTION_AGE = 1800.0  # seconds the message writer keeps one connection (the pools' pool_recycle)
+POOL_RECYCLE = 1800  # seconds a server connection is used before a new one replaces it (pools and held)
 DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+asyncmy", "mariadb": "mysql+asyncmy",
            "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}  # fmt: skip
 
@@ -104,14 +104,15 @@ class Database:
                 lambda: sqlite_connection(database or ":memory:", writer=True), checkpointer)
         else:
             kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
-                                      "pool_pre_ping": True, "pool_recycle": 1800}
+                                      "pool_pre_ping": True, "pool_recycle": POOL_RECYCLE}
             self.writer = create_async_engine(self.url, **kwargs)
             self.reader = self.writer
             # The message writer's own connection (one batch at a time), without the pool's
             # ping: on asyncpg that ping is three round trips (BEGIN, ";", ROLLBACK) per batch.
             # It is held between batches; one found dead during a batch is replaced and the
             # batch run again (see _held_transaction).
-            self._batches = create_async_engine(self.url, pool_size=1, max_overflow=0, pool_recycle=1800)
+            self._batches = create_async_engine(self.url, pool_size=1, max_overflow=0,
+                                                pool_recycle=POOL_RECYCLE)
             self._checkpointer = None
             self.write_thread = None
             self.sqlite_file = None
@@ -212,8 +213,8 @@ class Database:
 
     async def _batch_connection(self) -> AsyncConnection:
         """The message writer's connection, held between batches (no checkout per batch)
-        and given back to the pool to be recycled after `BATCH_CONNECTION_AGE` seconds."""
-        if self._batch_conn is not None and time.monotonic() - self._batch_conn_since > BATCH_CONNECTION_AGE:
+        and given back to the pool to be recycled after `POOL_RECYCLE` seconds, as the pools do."""
+        if self._batch_conn is not None and time.monotonic() - self._batch_conn_since > POOL_RECYCLE:
             await self._drop_batch_connection(invalidate=False)
         conn = self._batch_conn
         if conn is None:
