@@ -39,6 +39,11 @@ class Writer:
             result = await conn.execute(text(statement), params)
             return [tuple(row) for row in result.fetchall()] if result.returns_rows else []
 
+    async def batch_backend_pid(self) -> int:
+        """PostgreSQL: the server process behind the message writer's held connection."""
+        pid: int = await self.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+        return pid
+
     async def state(self) -> list[tuple[int, int, int]]:
         rows = await self.sql("SELECT user_id, last_seq, acked_seq FROM inbox_state ORDER BY user_id")
         return [(int(u), int(last), int(acked)) for u, last, acked in rows]
@@ -228,10 +233,10 @@ async def test_a_postgresql_batch_that_fails_is_rolled_back_and_not_retried(writ
     assert isinstance(failure.value, writer.db.driver_errors), repr(failure.value)
     assert as_chat_error(failure.value) is None  # a bug or bad row, not an outage
     assert await writer.sql("SELECT value FROM counters WHERE name = 'half'") == []
-    pid_before = await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+    pid_before = await writer.batch_backend_pid()
     sent = await writer.send(1, 2, "after")
     assert sent.deliveries == [(2, 1)]
-    assert await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()")) == pid_before
+    assert await writer.batch_backend_pid() == pid_before
 
 
 @pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)
@@ -263,7 +268,7 @@ async def test_a_postgresql_connection_whose_rollback_failed_is_never_used_again
     connection's state is unknown, and the next batch runs on a new one."""
     import asyncpg.transaction
 
-    pid = await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+    pid = await writer.batch_backend_pid()
 
     async def broken_rollback(self: Any) -> None:
         raise OSError("rollback failed")
@@ -276,6 +281,6 @@ async def test_a_postgresql_connection_whose_rollback_failed_is_never_used_again
         with pytest.raises(Exception) as failure:
             await writer.db.run_batch(fail)
     assert isinstance(failure.value, writer.db.driver_errors), repr(failure.value)
-    assert await writer.db.run_batch(lambda conn: conn.fetchval("SELECT pg_backend_pid()")) != pid
+    assert await writer.batch_backend_pid() != pid
     sent = await writer.send(1, 2, "after")
     assert sent.deliveries == [(2, 1)]
